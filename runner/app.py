@@ -1,0 +1,64 @@
+"""Assembles the runner from a Config: registry, cache, dispatcher, server."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import uvloop
+
+from runner.cache import ConfCache
+from runner.chain import Chain
+from runner.config import Config
+from runner.dispatch import Dispatcher
+from runner.registry import PluginLoadError, PluginRegistry
+from runner.server import StartupError, raise_open_file_limit, serve
+
+log = logging.getLogger("a6.app")
+
+BUILTIN_PACKAGE = "plugins"
+
+
+def load_registry(config: Config) -> PluginRegistry:
+    registry = PluginRegistry()
+    if config.builtin_plugins:
+        registry.load_package(BUILTIN_PACKAGE)
+    for directory in config.plugin_dirs:
+        registry.load_dir(directory)
+    return registry
+
+
+def build_dispatcher(config: Config, registry: PluginRegistry) -> Dispatcher:
+    cache: ConfCache[Chain] = ConfCache(ttl=config.conf_ttl, maxsize=config.max_confs)
+    executor = ThreadPoolExecutor(config.blocking_workers, thread_name_prefix="a6-blocking")
+    return Dispatcher(
+        registry,
+        cache,
+        call_timeout=config.call_timeout,
+        max_frame_size=config.max_frame_size,
+        executor=executor,
+    )
+
+
+def run(config: Config) -> int:
+    """Run the runner until a signal; returns the process exit status."""
+    try:
+        config.check()
+        registry = load_registry(config)
+    except (ValueError, PluginLoadError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    # Every gateway worker keeps up to 32 connections: make sure we can accept them all.
+    raise_open_file_limit(config.max_connections + 64)
+    dispatcher = build_dispatcher(config, registry)
+    try:
+        uvloop.run(serve(config, dispatcher))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    finally:
+        if dispatcher.executor is not None:
+            dispatcher.executor.shutdown(wait=False, cancel_futures=True)
+        sys.stderr.flush()
+    return 0

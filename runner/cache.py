@@ -1,0 +1,80 @@
+"""The conf cache: conf token -> prepared plugin chain, with a TTL and a size bound."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from cachetools import TTLCache
+
+T = TypeVar("T")
+
+# The gateway keeps a token at most APISIX_CONF_EXPIRE_TIME seconds (its LRU cache TTL;
+# its shared dict keeps it 0.9 of that). We keep confs this much longer, so a token the
+# gateway still holds is never one we have forgotten, even with a call in flight at the
+# very end of its life or clocks that tick a little differently.
+CONF_TTL_MARGIN = 300.0
+
+_TOKEN_SPACE = 1 << 32
+
+
+class TokenIssuer:
+    """Issues conf tokens that are never 0 and never repeat within one boot of the host.
+
+    Tokens follow CLOCK_MONOTONIC in microseconds (mod 2**32), and each is at least one
+    more than the last. The clock is shared by every process on the host, so a runner
+    restarted after a crash starts above every token its earlier life issued (no runner
+    issues a million confs a second), and a stale token still cached by the gateway can
+    only be unknown to us, never another route's chain. The space wraps every ~71
+    minutes; tokens still in use are skipped.
+    """
+
+    def __init__(self, clock_us: Callable[[], int] | None = None) -> None:
+        self._clock_us = clock_us or (lambda: time.monotonic_ns() // 1000)
+        self._last = self._clock_us() - 1
+
+    def issue(self, in_use: Callable[[int], bool]) -> int:
+        value = max(self._last + 1, self._clock_us())
+        while True:
+            token = value % _TOKEN_SPACE
+            if token != 0 and not in_use(token):
+                self._last = value
+                return token
+            value += 1
+
+
+class ConfCache(Generic[T]):
+    """Prepared confs by token. Expired or evicted tokens read as missing."""
+
+    def __init__(
+        self,
+        ttl: float,
+        maxsize: int,
+        timer: Callable[[], float] = time.monotonic,
+        issuer: TokenIssuer | None = None,
+    ) -> None:
+        self._items: TTLCache[int, T] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._issuer = issuer or TokenIssuer()
+        self.ttl = ttl
+        self.maxsize = maxsize
+
+    def put(self, conf: T) -> int:
+        """Store a conf under a new token and return the token."""
+        token = self._issuer.issue(self._items.__contains__)
+        self._items[token] = conf
+        return token
+
+    def refresh(self, token: int, conf: T) -> None:
+        """Store again under an existing token, restarting its lifetime."""
+        self._items[token] = conf
+
+    def get(self, token: int) -> T | None:
+        return self._items.get(token)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        self._items.expire()
+        return len(self._items)

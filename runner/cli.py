@@ -1,0 +1,215 @@
+"""The command line: translates options (and their environment variables) into a Config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from runner import __version__
+from runner.config import DEFAULT_SOCKET, Config, read_config_file
+from runner.frame import MAX_PAYLOAD
+from runner.logs import setup_logging
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """An eager option: the file's settings become the defaults of the other options."""
+    if value is None:
+        return
+    try:
+        settings = read_config_file(Path(value))
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from None
+    defaults = dict(ctx.default_map or {})
+    for key, setting in settings.items():
+        if key == "plugin_dirs":
+            key = "plugins_dir"
+        elif key == "builtin_plugins":
+            key = "builtin_plugins"
+        defaults[key] = setting
+    ctx.default_map = defaults
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value), 8)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an octal file mode such as 0766") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="a6-runner")
+def main() -> None:
+    """a6-runner: run Python plugins for the Apache APISIX gateway (ext-plugin)."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="A6_RUNNER_CONFIG",
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config_file,
+    help="TOML file whose [runner] table sets defaults for these options "
+    "(see conf/a6-runner.toml).",
+)
+@click.option(
+    "--listen",
+    envvar="APISIX_LISTEN_ADDRESS",
+    default=DEFAULT_SOCKET,
+    show_default=True,
+    show_envvar=True,
+    help="Unix socket to serve, as a path or unix:/path. The gateway sets it.",
+)
+@click.option(
+    "--conf-expire-time",
+    envvar="APISIX_CONF_EXPIRE_TIME",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    show_envvar=True,
+    help="Seconds the gateway caches a conf token. Confs are kept 300 s longer.",
+)
+@click.option(
+    "--plugins-dir",
+    "plugins_dir",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    envvar="A6_RUNNER_PLUGINS_DIR",
+    show_envvar=True,
+    help="Directory of plugin modules to load (repeatable; in the environment "
+    f"variable, separate with '{os.pathsep}').",
+)
+@click.option(
+    "--builtin-plugins/--no-builtin-plugins",
+    default=True,
+    show_default=True,
+    envvar="A6_RUNNER_BUILTIN_PLUGINS",
+    help="Load the example plugins shipped in the 'plugins' package.",
+)
+@click.option(
+    "--log-level",
+    envvar="A6_RUNNER_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    show_envvar=True,
+    help="Lowest level logged to stderr.",
+)
+@click.option(
+    "--call-timeout",
+    envvar="A6_RUNNER_CALL_TIMEOUT",
+    type=float,
+    default=50.0,
+    show_default=True,
+    show_envvar=True,
+    help="Seconds one call's plugin chain may take before it fails with an error "
+    "(the gateway itself gives up after 60 s).",
+)
+@click.option(
+    "--shutdown-grace",
+    envvar="A6_RUNNER_SHUTDOWN_GRACE",
+    type=float,
+    default=0.5,
+    show_default=True,
+    show_envvar=True,
+    help="Seconds calls in flight get to finish on SIGTERM (the gateway kills "
+    "the runner 1 s after SIGTERM).",
+)
+@click.option(
+    "--max-connections",
+    envvar="A6_RUNNER_MAX_CONNECTIONS",
+    type=int,
+    default=4096,
+    show_default=True,
+    show_envvar=True,
+    help="Connections served at once; more are refused.",
+)
+@click.option(
+    "--max-frame-size",
+    envvar="A6_RUNNER_MAX_FRAME_SIZE",
+    type=int,
+    default=MAX_PAYLOAD,
+    show_default=True,
+    show_envvar=True,
+    help="Largest frame payload accepted or sent, in bytes.",
+)
+@click.option(
+    "--max-confs",
+    envvar="A6_RUNNER_MAX_CONFS",
+    type=int,
+    default=100_000,
+    show_default=True,
+    show_envvar=True,
+    help="Prepared confs kept at most; the least recently used go first.",
+)
+@click.option(
+    "--socket-mode",
+    envvar="A6_RUNNER_SOCKET_MODE",
+    default="0766",
+    show_default=True,
+    show_envvar=True,
+    help="Octal mode of the socket file. Gateway workers often run as another "
+    "user (nobody) and need write access.",
+)
+@click.option(
+    "--socket-group",
+    envvar="A6_RUNNER_SOCKET_GROUP",
+    default=None,
+    show_envvar=True,
+    help="Group to give the socket file, e.g. with --socket-mode 0770 to admit "
+    "only that group's users.",
+)
+@click.option(
+    "--blocking-workers",
+    envvar="A6_RUNNER_BLOCKING_WORKERS",
+    type=int,
+    default=16,
+    show_default=True,
+    show_envvar=True,
+    help="Threads for plugins marked blocking.",
+)
+@click.option(
+    "--reload",
+    is_flag=True,
+    envvar="A6_RUNNER_RELOAD",
+    show_envvar=True,
+    help="Watch plugin directories and re-import changed modules.",
+)
+def run(**options: Any) -> None:
+    """Serve plugins on the gateway's Unix socket until SIGTERM or SIGINT."""
+    from runner.app import run as run_runner  # keeps `a6-runner --help` fast
+
+    config = Config(
+        listen=options["listen"],
+        conf_expire_time=options["conf_expire_time"],
+        plugin_dirs=tuple(Path(p) for p in _split_dirs(options["plugins_dir"])),
+        builtin_plugins=options["builtin_plugins"],
+        log_level=options["log_level"].lower(),
+        call_timeout=options["call_timeout"],
+        shutdown_grace=options["shutdown_grace"],
+        max_connections=options["max_connections"],
+        max_frame_size=options["max_frame_size"],
+        max_confs=options["max_confs"],
+        socket_mode=_mode(options["socket_mode"]),
+        socket_group=options["socket_group"],
+        blocking_workers=options["blocking_workers"],
+        reload=options["reload"],
+    )
+    setup_logging(config.log_level)
+    raise SystemExit(run_runner(config))
+
+
+def _split_dirs(values: Any) -> list[str]:
+    if isinstance(values, str):
+        values = [values]
+    out: list[str] = []
+    for value in values or ():
+        out.extend(p for p in str(value).split(os.pathsep) if p)
+    return out

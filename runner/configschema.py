@@ -1,0 +1,188 @@
+"""Plugin configs: JSON text checked against a typed declaration, once, at PrepareConf.
+
+A plugin declares its config as a dataclass (or any supported type: str, int, float,
+bool, None, list[T], tuple[T, ...], dict[str, T], unions, Literal, Enum, nested
+dataclasses, Any). ``load_config`` parses the gateway's JSON string and builds that type,
+or raises ConfigError with the path of the offending field. A dataclass's
+``__post_init__`` may raise ValueError/TypeError to reject a value; its message is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A plugin config does not match its declaration. ``field`` is a dotted path."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"field {field!r}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+def load_config(declared: Any, raw: str) -> Any:
+    """Parse ``raw`` (the gateway's JSON string) into the ``declared`` type.
+
+    An empty string counts as an empty JSON object, so a plugin whose fields all have
+    defaults can be configured with ``""`` or ``"{}"``.
+    """
+    text = raw.strip()
+    try:
+        data = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise ConfigError("", f"invalid JSON: {exc}") from None
+    return convert(declared, data)
+
+
+def convert(declared: Any, value: Any, path: str = "") -> Any:
+    """Build ``declared`` from a decoded JSON value, checking every field."""
+    if declared is Any or declared is object:
+        return value
+    if declared is None or declared is type(None):
+        if value is not None:
+            raise ConfigError(path, f"expected null, got {_show(value)}")
+        return None
+    if dataclasses.is_dataclass(declared) and isinstance(declared, type):
+        return _convert_dataclass(declared, value, path)
+    origin = get_origin(declared)
+    if origin is Union or origin is types.UnionType:
+        return _convert_union(declared, value, path)
+    if origin is Literal:
+        if value not in get_args(declared):
+            choices = ", ".join(repr(a) for a in get_args(declared))
+            raise ConfigError(path, f"expected one of {choices}, got {_show(value)}")
+        return value
+    if origin in (list, tuple, typing.Sequence) or declared in (list, tuple):
+        return _convert_sequence(declared, origin, value, path)
+    if origin is dict or declared is dict:
+        return _convert_mapping(declared, value, path)
+    if isinstance(declared, type) and issubclass(declared, enum.Enum):
+        try:
+            return declared(value)
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in declared)
+            raise ConfigError(path, f"expected one of {choices}, got {_show(value)}") from None
+    if declared is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {_show(value)}")
+        return value
+    if declared is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {_show(value)}")
+        return value
+    if declared is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(path, f"expected a number, got {_show(value)}")
+        return float(value)
+    if declared is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"config type {declared!r} is not supported (at {path or 'top level'})")
+
+
+def describe(declared: Any) -> str:
+    """A one-line summary of a config declaration, for ``a6-runner plugins``."""
+    if dataclasses.is_dataclass(declared) and isinstance(declared, type):
+        hints = typing.get_type_hints(declared)
+        parts = []
+        for f in dataclasses.fields(declared):
+            if not f.init:
+                continue
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = "" if required else f" = {_default_of(f)!r}"
+            parts.append(f"{f.name}: {_type_name(hints[f.name])}{default}")
+        return "{" + ", ".join(parts) + "}"
+    return _type_name(declared)
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[operator]
+
+
+def _type_name(declared: Any) -> str:
+    if declared is Any:
+        return "any"
+    if declared is type(None):
+        return "null"
+    if isinstance(declared, type) and not get_args(declared):
+        return declared.__name__
+    return str(declared).replace("typing.", "")
+
+
+def _convert_dataclass(declared: type, value: Any, path: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(path, f"expected an object, got {_show(value)}")
+    hints = typing.get_type_hints(declared)
+    fields = {f.name: f for f in dataclasses.fields(declared) if f.init}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        known = ", ".join(fields) or "none"
+        raise ConfigError(_join(path, unknown[0]), f"unknown field (known fields: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = _join(path, name)
+        if name in value:
+            kwargs[name] = convert(hints[name], value[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(sub, "required field is missing")
+    try:
+        return declared(**kwargs)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(path, str(exc)) from None
+
+
+def _convert_union(declared: Any, value: Any, path: str) -> Any:
+    members = get_args(declared)
+    if value is None and type(None) in members:
+        return None
+    errors = []
+    for member in members:
+        if member is type(None):
+            continue
+        try:
+            return convert(member, value, path)
+        except ConfigError as exc:
+            errors.append(exc.reason)
+    raise ConfigError(path, " or ".join(dict.fromkeys(errors)))
+
+
+def _convert_sequence(declared: Any, origin: Any, value: Any, path: str) -> Any:
+    if not isinstance(value, list):
+        raise ConfigError(path, f"expected an array, got {_show(value)}")
+    args = get_args(declared)
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise ConfigError(path, f"expected an array of {len(args)} items, got {len(value)}")
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(convert(a, v, f"{path}[{i}]") for i, (a, v) in pairs)
+    item = args[0] if args else Any
+    items = [convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple or declared is tuple else items
+
+
+def _convert_mapping(declared: Any, value: Any, path: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(path, f"expected an object, got {_show(value)}")
+    args = get_args(declared)
+    item = args[1] if len(args) == 2 else Any
+    return {k: convert(item, v, _join(path, k)) for k, v in value.items()}
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

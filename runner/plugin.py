@@ -1,0 +1,599 @@
+"""The plugin-author API: everything a plugin imports from the runner is here.
+
+A plugin is a subclass of :class:`Plugin` with a ``name``. The runner creates one
+instance per route configuration when the gateway prepares that route (PrepareConf),
+after checking the route's JSON config against the plugin's declared config type; the
+instance then serves every request of that route until the gateway drops the conf.
+
+Per request, the runner calls ``on_request`` of each plugin of the route in the route's
+order, all on the same :class:`Request`. Each plugin sees the changes made by the
+plugins before it. A plugin that calls :meth:`Request.stop` ends the chain: later
+plugins do not run, and the gateway answers the client with that response (any
+rewrite made so far is dropped). Otherwise the accumulated changes go back to the
+gateway as one rewrite, and only what changed is sent.
+
+In the post-response phase (``ext-plugin-post-resp``), ``on_response`` runs the same way
+on a :class:`Response` describing the upstream's answer.
+
+Both hooks may be plain functions or ``async def``. A plain hook runs on the event loop
+and must not block; set ``blocking = True`` on the class to run plain hooks in a worker
+thread instead. Only ``async`` hooks can ``await`` the gateway for a variable or a body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+from collections.abc import Awaitable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, get_args, get_origin
+
+from runner.configschema import ConfigError, load_config
+from runner.errors import PluginConfigError
+from runner.messages import Entry, InfoKind, Rewrite, Stop
+
+__all__ = [
+    "Args",
+    "ConfigError",
+    "Headers",
+    "InfoSource",
+    "Plugin",
+    "Request",
+    "Response",
+    "ResponseHeaders",
+]
+
+ConfigT = TypeVar("ConfigT")
+
+# The gateway drops these names from a Rewrite's resp_headers without a word
+# (apisix/plugins/ext-plugin/init.lua, exclude_resp_header), so we refuse them loudly.
+EXCLUDED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "location",
+        "server",
+        "www-authenticate",
+        "content-encoding",
+        "content-type",
+        "content-location",
+        "content-language",
+    }
+)
+
+
+class InfoSource(Protocol):
+    """Where a call's extra information comes from: the gateway, or a test's fake."""
+
+    async def ask(self, kind: InfoKind, name: str = "") -> bytes | None: ...
+
+
+class RawRequest(Protocol):
+    """The fields of an HTTPReqCall the Request reads (decoded lazily by the runner)."""
+
+    id: int
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def src_ip(self) -> bytes: ...
+    @property
+    def args(self) -> list[Entry]: ...
+    @property
+    def headers(self) -> list[Entry]: ...
+
+
+def _check_text(what: str, value: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ValueError(f"{what} must not contain CR, LF or NUL: {value!r}")
+    return value
+
+
+def _as_bytes(data: bytes | str) -> bytes:
+    return data.encode() if isinstance(data, str) else bytes(data)
+
+
+class _MultiDict:
+    """Ordered multi-valued entries with change tracking; the base of headers and args."""
+
+    __slots__ = ("_changed", "_entries", "_fold", "_source")
+
+    def __init__(self, source: Iterable[Entry] | None, fold_case: bool) -> None:
+        self._source = source  # shared with the decoded message until the first change
+        self._entries: list[Entry] | None = None
+        self._changed: dict[str, str] = {}  # key -> the name as the plugin spelled it
+        self._fold = fold_case
+
+    def _key(self, name: str) -> str:
+        return name.lower() if self._fold else name
+
+    def _items(self) -> Iterable[Entry]:
+        if self._entries is not None:
+            return self._entries
+        return self._source if self._source is not None else ()
+
+    def _mutable(self) -> list[Entry]:
+        if self._entries is None:
+            self._entries = list(self._items())
+        return self._entries
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of ``name``, or ``default`` if there is none."""
+        key = self._key(name)
+        for n, v in self._items():
+            if self._key(n) == key:
+                return v
+        return default
+
+    def getall(self, name: str) -> list[str | None]:
+        """Every value of ``name``, in order (empty if absent)."""
+        key = self._key(name)
+        return [v for n, v in self._items() if self._key(n) == key]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        key = self._key(name)
+        return any(self._key(n) == key for n, _ in self._items())
+
+    def __getitem__(self, name: str) -> str | None:
+        key = self._key(name)
+        for n, v in self._items():
+            if self._key(n) == key:
+                return v
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        """Each distinct name once, in order of first appearance."""
+        return iter(dict.fromkeys(n for n, _ in self._items()))
+
+    def __len__(self) -> int:
+        return len({self._key(n) for n, _ in self._items()})
+
+    def items(self) -> list[Entry]:
+        """All ``(name, value)`` entries, repeated names included, in order."""
+        return list(self._items())
+
+    def _replace(self, name: str, values: Iterable[str | None]) -> None:
+        key = self._key(name)
+        entries = [e for e in self._mutable() if self._key(e[0]) != key]
+        entries.extend((name, v) for v in values)
+        self._entries = entries
+        self._changed[key] = name
+
+    def _append(self, name: str, value: str | None) -> None:
+        self._mutable().append((name, value))
+        self._changed[self._key(name)] = name
+
+    @property
+    def changed(self) -> bool:
+        return bool(self._changed)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.items()!r})"
+
+
+class Headers(_MultiDict):
+    """Request headers: case-insensitive names, one entry per value.
+
+    ``set`` and ``delete`` are sent to the gateway; it replaces the header with a single
+    value (a request header cannot be given several values through the protocol). The
+    ``host`` header also changes the upstream host.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, source: Iterable[Entry] | None = None) -> None:
+        super().__init__(source, fold_case=True)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return super().get(name, default)
+
+    def set(self, name: str, value: str) -> None:
+        """Give header ``name`` exactly this value."""
+        self._replace(_check_text("header name", name), [_check_text("header value", value)])
+
+    def delete(self, name: str) -> None:
+        """Remove every value of header ``name`` (nothing is sent if it was absent)."""
+        if name in self:
+            self._replace(name, [])
+
+    def rewrite_entries(self) -> list[Entry]:
+        """What the gateway needs to apply our changes: one entry per changed name."""
+        out: list[Entry] = []
+        for key, name in self._changed.items():
+            values = [v for n, v in self._items() if n.lower() == key]
+            out.append((name, values[-1] if values else None))
+        return out
+
+
+class ResponseHeaders(Headers):
+    """Headers of a response: like :class:`Headers`, and a name may have several values."""
+
+    __slots__ = ()
+
+    def add(self, name: str, value: str) -> None:
+        """Add one more value for ``name``, keeping the ones it has."""
+        self._append(_check_text("header name", name), _check_text("header value", value))
+
+
+class Args(_MultiDict):
+    """Query arguments: case-sensitive names, repeated names kept apart.
+
+    A value of None is an argument without ``=`` (``?flag``); ``""`` is ``?flag=``.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, source: Iterable[Entry] | None = None) -> None:
+        super().__init__(source, fold_case=False)
+
+    def set(self, name: str, value: str) -> None:
+        """Give argument ``name`` exactly this one value."""
+        self._replace(_check_text("arg name", name), [_check_text("arg value", value)])
+
+    def setall(self, name: str, values: Iterable[str]) -> None:
+        """Give argument ``name`` these values, in order (none deletes it)."""
+        checked = [_check_text("arg value", v) for v in values]
+        self._replace(_check_text("arg name", name), checked)
+
+    def add(self, name: str, value: str) -> None:
+        """Add one more value for ``name``, keeping the ones it has."""
+        self._append(_check_text("arg name", name), _check_text("arg value", value))
+
+    def delete(self, name: str) -> None:
+        """Remove every value of ``name`` (nothing is sent if it was absent)."""
+        if name in self:
+            self._replace(name, [])
+
+    def rewrite_entries(self) -> list[Entry]:
+        """The gateway's merge rule: the first entry of a name replaces its values,
+        further entries append, an entry without value deletes. A ``?flag`` that must
+        be re-sent alongside new values can only be sent as ``flag=``."""
+        out: list[Entry] = []
+        for name in self._changed:
+            values = self.getall(name)
+            if values:
+                out.extend((name, "" if v is None else v) for v in values)
+            else:
+                out.append((name, None))
+        return out
+
+
+class _Call:
+    """What a request and a response share: the call id and the gateway's variables."""
+
+    __slots__ = ("_body", "_loop", "_source", "_vars")
+
+    def __init__(self, source: InfoSource) -> None:
+        self._source = source
+        self._vars: dict[str, bytes | None] = {}
+        self._body: dict[InfoKind, bytes | None] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def var_bytes(self, name: str) -> bytes | None:
+        """Like :meth:`var`, without decoding."""
+        try:
+            return self._vars[name]
+        except KeyError:
+            value = self._vars[name] = await self._source.ask(InfoKind.VAR, name)
+            return value
+
+    async def var(self, name: str) -> str | None:
+        """An nginx variable of this request, asked of the gateway once per call.
+
+        Returns None if the variable does not exist (or has no value) and ``""`` if
+        it exists and is empty. Examples: ``remote_addr``, ``server_port``,
+        ``request_time``, ``http_user_agent``, ``arg_name``, ``cookie_name``.
+        """
+        raw = await self.var_bytes(name)
+        return None if raw is None else raw.decode("utf-8", "surrogateescape")
+
+    async def _fetch_body(self, kind: InfoKind) -> bytes | None:
+        try:
+            return self._body[kind]
+        except KeyError:
+            value = self._body[kind] = await self._source.ask(kind)
+            return value
+
+    def run_sync(self, awaitable: Awaitable[Any], timeout: float | None = None) -> Any:
+        """From a ``blocking = True`` plugin's worker thread: wait for an awaitable
+        of this call, e.g. ``request.run_sync(request.var("remote_addr"))``."""
+        if self._loop is None:
+            raise RuntimeError("run_sync is only for hooks of blocking plugins")
+
+        async def wrapper() -> Any:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
+
+
+class Request(_Call):
+    """One request, as the gateway describes it, and the changes plugins make to it.
+
+    Reading: ``id``, ``method``, ``path``, ``src_ip``, ``headers``, ``args`` and, by asking
+    the gateway, ``await var(name)`` and ``await body()``. Changing: :meth:`stop`, or
+    any of :meth:`set_path`, ``headers.set/delete``, ``args.set/add/delete``,
+    :meth:`set_body`, :meth:`set_response_header`; these read back at once.
+    """
+
+    __slots__ = (
+        "_new_body",
+        "_path",
+        "_raw",
+        "_resp_headers",
+        "_src_ip",
+        "_stop",
+        "args",
+        "headers",
+        "id",
+    )
+
+    def __init__(self, raw: RawRequest, source: InfoSource) -> None:
+        super().__init__(source)
+        self._raw = raw
+        self.id: int = raw.id
+        self._path: str | None = None
+        self._new_body: bytes | None = None
+        self._stop: Stop | None = None
+        self._resp_headers: list[tuple[str, str]] = []
+        self._src_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | bool | None = False
+        self.headers = Headers(_LazyEntries(raw, "headers"))
+        self.args = Args(_LazyEntries(raw, "args"))
+
+    @property
+    def method(self) -> str:
+        """The HTTP method, upper case (``GET``, ``POST``...)."""
+        return self._raw.method
+
+    @property
+    def path(self) -> str:
+        """The path without the query; reflects :meth:`set_path` by an earlier plugin."""
+        return self._path if self._path is not None else self._raw.path
+
+    @property
+    def src_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The client's address, or None if the gateway did not send one."""
+        if self._src_ip is False:
+            raw = self._raw.src_ip
+            self._src_ip = ipaddress.ip_address(raw) if len(raw) in (4, 16) else None
+        return self._src_ip  # type: ignore[return-value]
+
+    async def body(self) -> bytes | None:
+        """The request body, asked of the gateway once per call (None if there is none)."""
+        return await self._fetch_body(InfoKind.REQ_BODY)
+
+    def stop(
+        self,
+        status: int = 200,
+        body: bytes | str = b"",
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Answer the client now, with this response; no later plugin runs.
+
+        The request never reaches the upstream and rewrites made so far are dropped.
+        Repeated header names all reach the client. An empty body means "no body".
+        """
+        if not 100 <= status <= 999:
+            raise ValueError(f"status must be an HTTP status code (100-999), got {status}")
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        checked = tuple(
+            (_check_text("header name", n), _check_text("header value", v)) for n, v in pairs
+        )
+        self._stop = Stop(status, checked, _as_bytes(body))
+
+    @property
+    def stopped(self) -> bool:
+        """True once a plugin has called :meth:`stop`."""
+        return self._stop is not None
+
+    def set_path(self, path: str) -> None:
+        """Send the request upstream to this path (percent-encoded by the gateway).
+
+        The query is not part of the path: change it through ``args``.
+        """
+        _check_text("path", path)
+        if "?" in path:
+            raise ValueError("path must not contain '?': the gateway would encode it; use args")
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/': {path!r}")
+        self._path = path
+
+    def set_body(self, body: bytes | str) -> None:
+        """Replace the request body sent upstream. It must not be empty: the gateway
+        reads an empty body as "unchanged"."""
+        data = _as_bytes(body)
+        if not data:
+            raise ValueError("the gateway cannot set an empty request body")
+        self._body[InfoKind.REQ_BODY] = data
+        self._new_body = data
+
+    def set_response_header(self, name: str, value: str) -> None:
+        """Set a header on the response the client will eventually get (replacing the
+        upstream's). Hop-by-hop, ``content-*`` and a few other names are refused."""
+        self._resp_header(name, value, replace=True)
+
+    def add_response_header(self, name: str, value: str) -> None:
+        """Like :meth:`set_response_header`, keeping values set before."""
+        self._resp_header(name, value, replace=False)
+
+    def _resp_header(self, name: str, value: str, replace: bool) -> None:
+        _check_text("header name", name)
+        _check_text("header value", value)
+        if name.lower() in EXCLUDED_RESPONSE_HEADERS:
+            raise ValueError(f"the gateway ignores response header {name!r} in a rewrite")
+        if replace:
+            key = name.lower()
+            self._resp_headers = [e for e in self._resp_headers if e[0].lower() != key]
+        self._resp_headers.append((name, value))
+
+    def action(self) -> Stop | Rewrite | None:
+        """What to send back: the Stop, the accumulated Rewrite, or None if unchanged."""
+        if self._stop is not None:
+            return self._stop
+        new_body = self._new_body
+        if (
+            self._path is None
+            and not self.headers.changed
+            and not self.args.changed
+            and not self._resp_headers
+            and new_body is None
+        ):
+            return None
+        return Rewrite(
+            path=self._path,
+            headers=self.headers.rewrite_entries(),
+            args=self.args.rewrite_entries(),
+            resp_headers=tuple(self._resp_headers),
+            body=new_body,
+        )
+
+
+class _LazyEntries:
+    """Defers decoding headers/args until a plugin first looks at them."""
+
+    __slots__ = ("_attr", "_raw")
+
+    def __init__(self, raw: RawRequest, attr: str) -> None:
+        self._raw = raw
+        self._attr = attr
+
+    def __iter__(self) -> Iterator[Entry]:
+        entries: list[Entry] = getattr(self._raw, self._attr)
+        return iter(entries)
+
+    def __len__(self) -> int:
+        return len(getattr(self._raw, self._attr))
+
+
+class Response(_Call):
+    """The upstream's response in the post-response phase, and the changes to make.
+
+    Reading: ``id``, ``status``, ``headers``, and by asking the gateway ``await body()``,
+    ``await request_body()``, ``await var(name)``. Changing: :meth:`set_status`,
+    ``headers.set/add/delete``, :meth:`set_body`.
+
+    If any header changes, the runner sends the whole resulting header list, because
+    the gateway replaces every upstream header with a non-empty list.
+    """
+
+    __slots__ = ("_new_body", "_new_status", "_status", "headers", "id")
+
+    def __init__(self, call_id: int, status: int, headers: list[Entry], source: InfoSource) -> None:
+        super().__init__(source)
+        self.id = call_id
+        self._status = status
+        self._new_status = 0
+        self._new_body: bytes | None = None
+        self.headers = ResponseHeaders(headers)
+
+    @property
+    def status(self) -> int:
+        """The status the client will get (the upstream's unless changed)."""
+        return self._new_status or self._status
+
+    @property
+    def upstream_status(self) -> int:
+        return self._status
+
+    async def body(self) -> bytes | None:
+        """The upstream's response body, asked of the gateway once per call."""
+        if self._new_body is not None:
+            return self._new_body
+        return await self._fetch_body(InfoKind.RESP_BODY)
+
+    async def request_body(self) -> bytes | None:
+        """The original request's body."""
+        return await self._fetch_body(InfoKind.REQ_BODY)
+
+    def set_status(self, status: int) -> None:
+        if not 100 <= status <= 999:
+            raise ValueError(f"status must be an HTTP status code (100-999), got {status}")
+        self._new_status = status
+
+    def set_body(self, body: bytes | str) -> None:
+        """Replace the response body. It must not be empty: the gateway reads an empty
+        body as "unchanged"."""
+        data = _as_bytes(body)
+        if not data:
+            raise ValueError("the gateway cannot send an empty replacement body")
+        self._new_body = data
+
+    def reply(self) -> tuple[int, list[tuple[str, str]], bytes | None]:
+        """``(status or 0, headers or [], body or None)`` as HTTPRespCall.Resp wants them."""
+        headers: list[tuple[str, str]] = []
+        if self.headers.changed:
+            headers = [(n, v) for n, v in self.headers.items() if v is not None]
+        return self._new_status, headers, self._new_body
+
+
+class Plugin(Generic[ConfigT]):
+    """Base class of every plugin. Subclass it, set ``name``, override a hook.
+
+    ``class MyPlugin(Plugin[MyConfig])`` declares the config type: a dataclass (checked
+    field by field at PrepareConf, unknown fields rejected), ``dict[str, Any]``, ``Any``
+    or ``None`` (no config). A config the plugin rejects makes the gateway's PrepareConf
+    fail with a message naming the field; the route then answers 503 rather than run
+    without the plugin. ``self.config`` holds the result.
+
+    Class attributes:
+      ``name``: how routes refer to the plugin (unique among loaded plugins).
+      ``blocking``: run plain (non-async) hooks in a worker thread, for code that
+      blocks (a synchronous HTTP client, a database driver, heavy CPU).
+    """
+
+    name: ClassVar[str]
+    config_type: ClassVar[Any] = None
+    blocking: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_type" not in cls.__dict__:
+            for base in getattr(cls, "__orig_bases__", ()):
+                if get_origin(base) is Plugin:
+                    (cls.config_type,) = get_args(base)
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config = config
+
+    @classmethod
+    def from_json(cls, raw: str) -> Self:
+        """Check a route's JSON config and create the plugin instance for that route."""
+        try:
+            config = load_config(cls.config_type, raw)
+            return cls(config)
+        except ConfigError as exc:
+            raise PluginConfigError(cls.name, str(exc)) from None
+        except (ValueError, TypeError) as exc:
+            raise PluginConfigError(cls.name, str(exc) or type(exc).__name__) from exc
+
+    def on_request(self, request: Request) -> Awaitable[None] | None:
+        """Called for each request of a route that lists this plugin (pre-req phase)."""
+        return None
+
+    def on_response(self, response: Response) -> Awaitable[None] | None:
+        """Called in the post-response phase, with the upstream's response."""
+        return None
+
+    @classmethod
+    def handles_requests(cls) -> bool:
+        return cls.on_request is not Plugin.on_request
+
+    @classmethod
+    def handles_responses(cls) -> bool:
+        return cls.on_response is not Plugin.on_response
+
+    @classmethod
+    def runs_inline(cls, hook: str) -> bool:
+        """True if the hook is plain and not blocking: it runs without a task."""
+        return not cls.blocking and not inspect.iscoroutinefunction(getattr(cls, hook))
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.splitlines()[0] if doc else ""

@@ -1,0 +1,345 @@
+"""The asyncio layer: the Unix socket, its connections, and the server's life.
+
+Each connection feeds bytes to a FrameDecoder and hands whole frames to the
+Dispatcher. A call the dispatcher can answer at once is answered inside
+``data_received``; a call that must wait (ExtraInfo, async or blocking plugins) runs as
+one task, during which the only frames the gateway may send are ExtraInfo replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import resource
+import signal
+import socket
+import stat
+from collections import deque
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from runner.config import Config
+from runner.dispatch import Dispatcher
+from runner.errors import BadRequest, ProtocolViolation
+from runner.frame import RPC, FrameDecoder, FrameTooLarge, encode_frame
+from runner.messages import InfoKind, decode_extra_info_reply, encode_extra_info_query
+
+log = logging.getLogger("a6.server")
+
+# Frames a non-conforming client may pipeline behind a call in progress before we stop
+# reading from it (the gateway never pipelines: it waits for each reply).
+_MAX_BACKLOG = 16
+
+
+class StartupError(Exception):
+    """The runner cannot start as configured; the message says what to change."""
+
+
+class Connection(asyncio.Protocol):
+    """One connection from a gateway worker: many calls, strictly one after another."""
+
+    def __init__(self, server: RunnerServer) -> None:
+        self._server = server
+        self._dispatcher = server.dispatcher
+        self._decoder = FrameDecoder(server.config.max_frame_size)
+        self._transport: asyncio.Transport | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[bytes] | None = None
+        self._backlog: deque[tuple[int, bytes]] = deque()
+        self._close_after_call = False
+        self._reading_paused = False
+        self._writing_paused = False
+
+    # --------------------------------------------------------------- asyncio events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        server = self._server
+        if server.closing or len(server.connections) >= server.config.max_connections:
+            server.note_refused()
+            transport.abort()
+            return
+        self._transport = transport
+        server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        decoder = self._decoder
+        decoder.feed(data)
+        while self._transport is not None:
+            try:
+                frame = decoder.next_frame()
+            except FrameTooLarge as exc:
+                # Without reading the oversized body we cannot find the next frame.
+                log.warning("closing a connection: %s", exc)
+                self._transport.write(self._dispatcher.error_frame(BadRequest(str(exc))))
+                self._close()
+                return
+            if frame is None:
+                return
+            self._on_frame(*frame)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is None:
+            return
+        self._transport = None
+        self._server.connections.discard(self)
+        if self._decoder.in_frame or self._task is not None:
+            log.info(
+                "a gateway connection closed in the middle of a %s",
+                "call" if self._task is not None else "frame",
+            )
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionResetError("the gateway closed the connection"))
+        if self._task is not None:
+            self._task.cancel()
+        self._server.connection_done()
+
+    def pause_writing(self) -> None:
+        # The peer is not reading its replies: stop reading its requests until it does.
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # -------------------------------------------------------------------- frames
+
+    def _on_frame(self, rpc_type: int, payload: bytes) -> None:
+        if self._task is not None:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                if rpc_type == RPC.EXTRA_INFO:
+                    waiter.set_result(payload)
+                else:
+                    self._close_after_call = True
+                    waiter.set_exception(
+                        ProtocolViolation(
+                            f"expected an ExtraInfo reply, got a frame of RPC type {rpc_type}"
+                        )
+                    )
+            else:
+                self._backlog.append((rpc_type, payload))
+                self._update_reading()
+            return
+        reply = self._dispatcher.handle(rpc_type, payload, self)
+        if type(reply) is bytes:
+            self._write(reply)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._finish(reply))  # type: ignore[arg-type]
+
+    async def _finish(self, reply: Coroutine[Any, Any, bytes]) -> None:
+        try:
+            frame = await reply
+        except asyncio.CancelledError:
+            return  # the connection is gone; nobody to answer
+        finally:
+            self._task = None
+        self._write(frame)
+        if self._close_after_call:
+            self._close()
+            return
+        while self._backlog and self._task is None and self._transport is not None:
+            self._on_frame(*self._backlog.popleft())
+        self._update_reading()
+        if self._server.closing and self._task is None:
+            self._close()
+
+    def _write(self, frame: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(frame)
+
+    async def ask(self, kind: InfoKind, name: str = "") -> bytes | None:
+        """Ask the gateway for a variable or a body, on this connection, and wait."""
+        if self._transport is None:
+            raise ConnectionResetError("the gateway closed the connection")
+        self._transport.write(encode_frame(RPC.EXTRA_INFO, encode_extra_info_query(kind, name)))
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            payload = await waiter
+        finally:
+            self._waiter = None
+        return decode_extra_info_reply(payload)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    def _update_reading(self) -> None:
+        if self._transport is None:
+            return
+        pause = self._writing_paused or len(self._backlog) >= _MAX_BACKLOG
+        if pause and not self._reading_paused:
+            self._transport.pause_reading()
+        elif not pause and self._reading_paused:
+            self._transport.resume_reading()
+        self._reading_paused = pause
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def close_when_idle(self) -> None:
+        """For shutdown: close now if no call is running, else right after it."""
+        if self._task is None:
+            self._close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class RunnerServer:
+    """Owns the listening socket and every live connection."""
+
+    def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
+        self.config = config
+        self.dispatcher = dispatcher
+        self.connections: set[Connection] = set()
+        self.closing = False
+        self._server: asyncio.AbstractServer | None = None
+        self._all_closed = asyncio.Event()
+        self._refused = 0
+
+    async def start(self) -> None:
+        path = self.config.socket_path
+        prepare_socket_path(path)
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_unix_server(
+                lambda: Connection(self), str(path), backlog=1024
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        set_socket_access(path, self.config.socket_mode, self.config.socket_group)
+
+    async def stop(self) -> None:
+        """Stop accepting, let calls in flight finish within the grace period, close."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        remove_socket(self.config.socket_path)
+        busy = sum(conn.busy for conn in self.connections)
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        if self.connections:
+            if busy:
+                log.info(
+                    "waiting up to %g s for %d call(s) in flight", self.config.shutdown_grace, busy
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.shutdown_grace):
+                    await self._all_closed.wait()
+        for conn in list(self.connections):
+            conn.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def connection_done(self) -> None:
+        if self.closing and not self.connections:
+            self._all_closed.set()
+
+    def note_refused(self) -> None:
+        self._refused += 1
+        if self._refused == 1 or self._refused % 1000 == 0:
+            log.warning(
+                "refused %d connection(s): at the limit of %d (max_connections)",
+                self._refused,
+                self.config.max_connections,
+            )
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Make the path ready to bind: create the directory, clear a stale socket file.
+
+    A socket file that a live process still accepts on is not stale: we refuse to start
+    rather than steal the gateway's connections from another runner.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o755, parents=True)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # stale: left behind by a runner that died
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            path.unlink(missing_ok=True)
+            return
+        raise StartupError(f"cannot check the socket {path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise StartupError(
+        f"another process is already listening on {path}; stop it or choose another path"
+    )
+
+
+def set_socket_access(path: Path, mode: int, group: str | None) -> None:
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(f"socket_group: no group named {group!r}") from None
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+
+
+def remove_socket(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+
+
+def raise_open_file_limit(wanted: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (within the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+    return soft
+
+
+async def serve(config: Config, dispatcher: Dispatcher, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = RunnerServer(config, dispatcher)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "listening on unix:%s (pid %d; plugins: %s)",
+        config.socket_path,
+        os.getpid(),
+        ", ".join(dispatcher.registry.names()) or "none",
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+    log.info("stopped")
