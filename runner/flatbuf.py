@@ -157,6 +157,8 @@ BYTES: Final = 3  # str is encoded as UTF-8 and gets FlatBuffers' NUL terminator
 TABLE: Final = 4
 TABLES: Final = 5
 
+_LIMITS: Final = {U8: 1 << 8, U16: 1 << 16, U32: 1 << 32}
+
 Field: TypeAlias = "tuple[int, int, object]"
 TableSpec: TypeAlias = "Sequence[Field]"
 
@@ -189,6 +191,8 @@ def _write_table(out: bytearray, fields: TableSpec) -> int:
     for i, (_, kind, value) in enumerate(fields):
         at = table_pos + 4 + 4 * i
         if kind in (U8, U16, U32):
+            if not 0 <= value < _LIMITS[kind]:  # type: ignore[operator]
+                raise ValueError(f"field {i} value {value!r} does not fit its type")
             out += _pack_u32(value)
         else:
             out += b"\0\0\0\0"

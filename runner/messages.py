@@ -8,6 +8,7 @@ plugin asks for it. No I/O happens here.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -73,7 +74,7 @@ def decode_prepare_conf(payload: bytes) -> PrepareConf:
         return PrepareConf(conf, fb.read_str(payload, key_pos) or "")
     except MalformedMessage:
         raise
-    except (ValueError, IndexError) as exc:  # struct.error is a ValueError
+    except (ValueError, IndexError, struct.error) as exc:
         raise _guard("PrepareConf request", exc) from exc
 
 
@@ -106,7 +107,7 @@ class HTTPReqCall:
             self.conf_token = fb.read_u32(payload, fields[6])
         except MalformedMessage:
             raise
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, struct.error) as exc:
             raise _guard("HTTPReqCall request", exc) from exc
         self._buf = payload
         self._fields = fields
@@ -123,14 +124,14 @@ class HTTPReqCall:
         """The client address: 4 bytes (IPv4), 16 bytes (IPv6), or empty if not sent."""
         try:
             return fb.read_bytes(self._buf, self._fields[1]) or b""
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, struct.error) as exc:
             raise _guard("HTTPReqCall src_ip", exc) from exc
 
     @property
     def path(self) -> str:
         try:
             return fb.read_str(self._buf, self._fields[3]) or ""
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, struct.error) as exc:
             raise _guard("HTTPReqCall path", exc) from exc
 
     @property
@@ -139,7 +140,7 @@ class HTTPReqCall:
         if self._args is None:
             try:
                 self._args = fb.read_text_entries(self._buf, self._fields[4])
-            except (ValueError, IndexError) as exc:
+            except (ValueError, IndexError, struct.error) as exc:
                 raise _guard("HTTPReqCall args", exc) from exc
         return self._args
 
@@ -149,7 +150,7 @@ class HTTPReqCall:
         if self._headers is None:
             try:
                 self._headers = fb.read_text_entries(self._buf, self._fields[5])
-            except (ValueError, IndexError) as exc:
+            except (ValueError, IndexError, struct.error) as exc:
                 raise _guard("HTTPReqCall headers", exc) from exc
         return self._headers
 
@@ -222,7 +223,7 @@ class HTTPRespCall:
             self.conf_token = fb.read_u32(payload, fields[3])
         except MalformedMessage:
             raise
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, struct.error) as exc:
             raise _guard("HTTPRespCall request", exc) from exc
         self._buf = payload
         self._fields = fields
@@ -233,7 +234,7 @@ class HTTPRespCall:
         if self._headers is None:
             try:
                 self._headers = fb.read_text_entries(self._buf, self._fields[2])
-            except (ValueError, IndexError) as exc:
+            except (ValueError, IndexError, struct.error) as exc:
                 raise _guard("HTTPRespCall headers", exc) from exc
         return self._headers
 
@@ -283,5 +284,5 @@ def decode_extra_info_reply(payload: bytes) -> bytes | None:
         return fb.read_bytes(payload, result_pos)
     except MalformedMessage:
         raise
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, struct.error) as exc:
         raise _guard("ExtraInfo reply", exc) from exc
