@@ -21,7 +21,7 @@ import stat
 from collections import deque
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from runner.config import Config
 from runner.dispatch import Dispatcher
@@ -58,7 +58,8 @@ class Connection(asyncio.Protocol):
     # --------------------------------------------------------------- asyncio events
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        transport = cast(asyncio.Transport, transport)
         server = self._server
         if server.closing or len(server.connections) >= server.config.max_connections:
             server.note_refused()
