@@ -8,7 +8,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from runner.errors import BadRequest
+from runner.messages import MalformedMessage
 from runner.plugin import Plugin, Request, Response
+
+
+# Raised through a plugin by the ExtraInfo channel: the gateway's fault, not the plugin's.
+_GATEWAY_FAULTS = (BadRequest, MalformedMessage)
 
 
 class PluginFailed(Exception):
@@ -51,6 +57,8 @@ def run_request_inline(chain: Chain, request: Request) -> None:
     for plugin in chain.request_plugins:
         try:
             plugin.on_request(request)
+        except _GATEWAY_FAULTS:
+            raise
         except Exception as exc:
             raise PluginFailed(plugin.name, "on_request") from exc
         if request.stopped:
@@ -61,6 +69,8 @@ def run_response_inline(chain: Chain, response: Response) -> None:
     for plugin in chain.response_plugins:
         try:
             plugin.on_response(response)
+        except _GATEWAY_FAULTS:
+            raise
         except Exception as exc:
             raise PluginFailed(plugin.name, "on_response") from exc
 
@@ -74,6 +84,8 @@ async def run_request(chain: Chain, request: Request, executor: Executor | None)
                 result = plugin.on_request(request)
                 if result is not None:
                     await result
+        except _GATEWAY_FAULTS:
+            raise
         except Exception as exc:
             raise PluginFailed(plugin.name, "on_request") from exc
         if request.stopped:
@@ -89,6 +101,8 @@ async def run_response(chain: Chain, response: Response, executor: Executor | No
                 result = plugin.on_response(response)
                 if result is not None:
                     await result
+        except _GATEWAY_FAULTS:
+            raise
         except Exception as exc:
             raise PluginFailed(plugin.name, "on_response") from exc
 

@@ -37,6 +37,12 @@ def load_config(declared: Any, raw: str) -> Any:
         data = json.loads(text) if text else {}
     except ValueError as exc:
         raise ConfigError("", f"invalid JSON: {exc}") from None
+    if declared is None or declared is type(None):
+        # A plugin without config: the gateway's schema forces a string, so accept the
+        # spellings of "nothing" an operator is likely to write.
+        if data not in (None, {}):
+            raise ConfigError("", f"this plugin takes no config, got {_show(data)}")
+        return None
     return convert(declared, data)
 
 

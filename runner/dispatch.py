@@ -26,8 +26,8 @@ from runner.chain import (
 from runner.errors import (
     BadRequest,
     CallTimeout,
+    ConfRejected,
     ConfTokenNotFound,
-    PluginConfigError,
     error_code_for,
 )
 from runner.frame import MAX_PAYLOAD, RPC, FrameTooLarge, encode_frame
@@ -92,8 +92,8 @@ class Dispatcher:
         if isinstance(exc, ConfTokenNotFound):
             # Routine: the gateway re-prepares and retries. Not worth a line per call.
             log.debug("%s%s", exc, where)
-        elif isinstance(exc, PluginConfigError):
-            pass  # logged with the route key by _prepare_conf
+        elif isinstance(exc, ConfRejected):
+            log.warning("%s", exc)
         elif isinstance(exc, BadRequest | MalformedMessage):
             log.warning("bad request%s: %s", where, exc)
         elif isinstance(exc, PluginFailed):
@@ -128,8 +128,7 @@ class Dispatcher:
             try:
                 plugins.append(self.registry.create(name, raw))
             except BadRequest as exc:
-                log.warning("PrepareConf rejected for route %r: %s", req.key or "-", exc)
-                raise
+                raise ConfRejected(req.key, exc) from exc
         chain = Chain.build(req.key, conf, plugins)
         token = self.cache.put(chain)
         if req.key:

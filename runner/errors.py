@@ -25,6 +25,15 @@ class PluginConfigError(BadRequest):
         self.reason = reason
 
 
+class ConfRejected(BadRequest):
+    """A PrepareConf that cannot be served: names the route key and what is wrong."""
+
+    def __init__(self, key: str, reason: BadRequest) -> None:
+        super().__init__(f"PrepareConf rejected for route {key or '-'!r}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
 class ProtocolViolation(BadRequest):
     """The peer broke the exchange order (e.g. a non-ExtraInfo frame while we await one)."""
 
