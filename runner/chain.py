@@ -12,7 +12,6 @@ from runner.errors import BadRequest
 from runner.messages import MalformedMessage
 from runner.plugin import Plugin, Request, Response
 
-
 # Raised through a plugin by the ExtraInfo channel: the gateway's fault, not the plugin's.
 _GATEWAY_FAULTS = (BadRequest, MalformedMessage)
 

@@ -391,7 +391,7 @@ async def test_many_kept_alive_connections_while_others_send_garbage(sock_dir: P
                 return conn.calls
 
         async def vandal(n: int) -> None:
-            reader, writer = await asyncio.open_unix_connection(str(config.socket_path))
+            _, writer = await asyncio.open_unix_connection(str(config.socket_path))
             writer.write(os.urandom(64 + n) if n % 2 else b"\x02\x00\x10\x00" + b"\xff" * 100)
             await writer.drain()
             writer.close()
