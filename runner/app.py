@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
@@ -18,6 +21,7 @@ from runner.server import StartupError, raise_open_file_limit, serve
 log = logging.getLogger("a6.app")
 
 BUILTIN_PACKAGE = "plugins"
+BLOCKING_THREADS = "a6-blocking"
 
 
 def load_registry(config: Config) -> PluginRegistry:
@@ -31,7 +35,7 @@ def load_registry(config: Config) -> PluginRegistry:
 
 def build_dispatcher(config: Config, registry: PluginRegistry) -> Dispatcher:
     cache: ConfCache[Chain] = ConfCache(ttl=config.conf_ttl, maxsize=config.max_confs)
-    executor = ThreadPoolExecutor(config.blocking_workers, thread_name_prefix="a6-blocking")
+    executor = ThreadPoolExecutor(config.blocking_workers, thread_name_prefix=BLOCKING_THREADS)
     return Dispatcher(
         registry,
         cache,
@@ -61,4 +65,15 @@ def run(config: Config) -> int:
         if dispatcher.executor is not None:
             dispatcher.executor.shutdown(wait=False, cancel_futures=True)
         sys.stderr.flush()
+    workers = [t for t in threading.enumerate() if t.name.startswith(BLOCKING_THREADS)]
+    deadline = time.monotonic() + 0.2  # idle workers take a moment to see the shutdown
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in workers if t.is_alive()]
+    if stuck:
+        # Interpreter exit would join these threads and wait for a hung plugin forever;
+        # the gateway would then SIGKILL us mid-cleanup. Leave now, cleanly otherwise.
+        log.warning("exiting with %d blocking plugin call(s) still running", len(stuck))
+        logging.shutdown()
+        os._exit(0)
     return 0
