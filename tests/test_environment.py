@@ -11,6 +11,8 @@ from runner.client import Connection, wait_for_socket
 from runner.refcodec import StopAction
 from tests.conftest import FIXTURE_PLUGINS
 
+ROOT = str(Path(__file__).resolve().parent.parent)
+
 
 async def test_runs_without_lang_or_home_and_keeps_non_utf8_header_bytes(sock_dir: Path) -> None:
     sock = sock_dir / "apisix-1.sock"
@@ -19,7 +21,7 @@ async def test_runs_without_lang_or_home_and_keeps_non_utf8_header_bytes(sock_di
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "runner", "run", "--plugins-dir", str(FIXTURE_PLUGINS),
         "--log-level", "debug",
-        env=env, cwd=str(Path(__file__).resolve().parent.parent),
+        env=env, cwd=ROOT,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
