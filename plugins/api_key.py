@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from runner.plugin import Plugin, Request
+from runner.plugin import ConfigError, Plugin, Request
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class ApiKeyConfig:
 
     def __post_init__(self) -> None:
         if not self.keys or any(not k for k in self.keys):
-            raise ValueError("field 'keys': give at least one non-empty key")
+            raise ConfigError("keys", "give at least one non-empty key")
 
 
 class ApiKey(Plugin[ApiKeyConfig]):

@@ -6,7 +6,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from runner.plugin import Plugin, Request
+from runner.plugin import ConfigError, Plugin, Request
 
 
 @dataclass(frozen=True)
@@ -19,9 +19,11 @@ class RateLimitConfig:
 
     def __post_init__(self) -> None:
         if self.rate <= 0:
-            raise ValueError("field 'rate': must be positive")
+            raise ConfigError("rate", "must be positive")
         if self.burst < 1:
-            raise ValueError("field 'burst': must be at least 1")
+            raise ConfigError("burst", "must be at least 1")
+        if not 100 <= self.status <= 599:
+            raise ConfigError("status", f"{self.status} is not an HTTP status code")
 
 
 class RateLimit(Plugin[RateLimitConfig]):

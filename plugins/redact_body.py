@@ -23,7 +23,7 @@ class RedactBody(Plugin[RedactConfig]):
     name = "redact-body"
 
     async def on_request(self, request: Request) -> None:
-        content_type = request.headers.get("content-type") or ""
+        content_type = (request.headers.get("content-type") or "").lower()
         if "json" not in content_type:
             return
         body = await request.body()

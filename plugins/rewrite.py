@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runner.plugin import Plugin, Request
+from runner.plugin import ConfigError, Plugin, Request
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class RewriteConfig:
 
     def __post_init__(self) -> None:
         if self.path is not None and (not self.path.startswith("/") or "?" in self.path):
-            raise ValueError("field 'path': must start with '/' and hold no query")
+            raise ConfigError("path", "must start with '/' and hold no query")
 
 
 class Rewrite(Plugin[RewriteConfig]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runner.plugin import Plugin, Request
+from runner.plugin import ConfigError, Plugin, Request
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class SayConfig:
 
     def __post_init__(self) -> None:
         if not 100 <= self.status <= 599:
-            raise ValueError(f"field 'status': {self.status} is not an HTTP status code")
+            raise ConfigError("status", f"{self.status} is not an HTTP status code")
 
 
 class Say(Plugin[SayConfig]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from runner.chain import Chain
 from runner.config import Config
 from runner.dispatch import Dispatcher
 from runner.registry import PluginLoadError, PluginRegistry
+from runner.reload import Reloader
 from runner.server import StartupError, raise_open_file_limit, serve
 
 log = logging.getLogger("a6.app")
@@ -45,8 +47,25 @@ def build_dispatcher(config: Config, registry: PluginRegistry) -> Dispatcher:
     )
 
 
+async def serve_reloading(config: Config, dispatcher: Dispatcher) -> None:
+    """``serve``, with plugin directories watched for changes (``--reload``)."""
+    reloader = Reloader(config.plugin_dirs, dispatcher, lambda: load_registry(config))
+    if not config.plugin_dirs:
+        log.warning("--reload: no plugin directory to watch (give --plugins-dir)")
+    else:
+        log.info("reload: watching %s", ", ".join(str(d) for d in reloader.directories))
+    watcher = asyncio.get_running_loop().create_task(reloader.run())
+    try:
+        await serve(config, dispatcher)
+    finally:
+        watcher.cancel()
+
+
 def run(config: Config) -> int:
     """Run the runner until a signal; returns the process exit status."""
+    if config.reload:
+        # Bytecode caches are keyed by whole-second mtimes: a quick edit could reload stale code.
+        sys.dont_write_bytecode = True
     try:
         config.check()
         registry = load_registry(config)
@@ -57,7 +76,8 @@ def run(config: Config) -> int:
     raise_open_file_limit(config.max_connections + 64)
     dispatcher = build_dispatcher(config, registry)
     try:
-        uvloop.run(serve(config, dispatcher))
+        main = serve_reloading if config.reload else serve
+        uvloop.run(main(config, dispatcher))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -22,6 +23,25 @@ class PluginFailed(Exception):
     def __init__(self, plugin: str, hook: str) -> None:
         super().__init__(f"plugin {plugin!r} raised in {hook}")
         self.plugin = plugin
+
+
+def _returned(plugin: Plugin[Any], hook: str, result: object) -> TypeError:
+    """The error for a hook that returned a value: hooks act on the call and return None.
+
+    A value is never taken as a verdict (an auth hook returning False must not let the
+    request through), and an awaitable from a plain function is not awaited: whether a
+    chain runs inline depends on its other plugins, so awaiting it only sometimes would
+    make the same plugin work on one route and be skipped on another.
+    """
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited, on purpose: spare the RuntimeWarning
+        return TypeError(
+            f"{hook} is a plain function but returned a coroutine: declare it 'async def'"
+        )
+    return TypeError(
+        f"{hook} returned {type(result).__name__} {result!r:.40}; hooks must return None "
+        "and act through the call (stop, set_path, headers...)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +75,9 @@ class Chain:
 def run_request_inline(chain: Chain, request: Request) -> None:
     for plugin in chain.request_plugins:
         try:
-            plugin.on_request(request)
+            result = plugin.on_request(request)
+            if result is not None:
+                raise _returned(plugin, "on_request", result)
         except _GATEWAY_FAULTS:
             raise
         except Exception as exc:
@@ -67,7 +89,9 @@ def run_request_inline(chain: Chain, request: Request) -> None:
 def run_response_inline(chain: Chain, response: Response) -> None:
     for plugin in chain.response_plugins:
         try:
-            plugin.on_response(response)
+            result = plugin.on_response(response)
+            if result is not None:
+                raise _returned(plugin, "on_response", result)
         except _GATEWAY_FAULTS:
             raise
         except Exception as exc:
@@ -77,12 +101,7 @@ def run_response_inline(chain: Chain, response: Response) -> None:
 async def run_request(chain: Chain, request: Request, executor: Executor | None) -> None:
     for plugin in chain.request_plugins:
         try:
-            if plugin.blocking:
-                await _in_thread(plugin.on_request, request, executor)
-            else:
-                result = plugin.on_request(request)
-                if result is not None:
-                    await result
+            await _run_hook(plugin, "on_request", request, executor)
         except _GATEWAY_FAULTS:
             raise
         except Exception as exc:
@@ -94,21 +113,29 @@ async def run_request(chain: Chain, request: Request, executor: Executor | None)
 async def run_response(chain: Chain, response: Response, executor: Executor | None) -> None:
     for plugin in chain.response_plugins:
         try:
-            if plugin.blocking:
-                await _in_thread(plugin.on_response, response, executor)
-            else:
-                result = plugin.on_response(response)
-                if result is not None:
-                    await result
+            await _run_hook(plugin, "on_response", response, executor)
         except _GATEWAY_FAULTS:
             raise
         except Exception as exc:
             raise PluginFailed(plugin.name, "on_response") from exc
 
 
-async def _in_thread(hook: Any, call: Request | Response, executor: Executor | None) -> None:
-    loop = asyncio.get_running_loop()
-    call._loop = loop
-    result = await loop.run_in_executor(executor, hook, call)
-    if result is not None:  # an async hook on a blocking plugin: run it here
-        await result
+async def _run_hook(
+    plugin: Plugin[Any], hook_name: str, call: Request | Response, executor: Executor | None
+) -> None:
+    hook = getattr(plugin, hook_name)
+    if inspect.iscoroutinefunction(hook):
+        result = await hook(call)  # blocking or not: an async hook runs on the loop
+    elif plugin.blocking:
+        loop = asyncio.get_running_loop()
+        call._loop = loop
+        try:
+            result = await loop.run_in_executor(executor, hook, call)
+        finally:
+            # A thread that outlives its call (past the deadline) must not ask the
+            # gateway on a connection that has moved on to another call.
+            call._loop = None
+    else:
+        result = hook(call)
+    if result is not None:
+        raise _returned(plugin, hook_name, result)

@@ -9,9 +9,11 @@ from typing import Any
 import click
 
 from runner import __version__
+from runner.bench import bench
 from runner.config import DEFAULT_SOCKET, Config, read_config_file
 from runner.frame import MAX_PAYLOAD
 from runner.logs import setup_logging
+from runner.scaffold import new_plugin_command, plugins_command
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -213,3 +215,8 @@ def _split_dirs(values: Any) -> list[str]:
     for value in values or ():
         out.extend(p for p in str(value).split(os.pathsep) if p)
     return out
+
+
+main.add_command(bench)
+main.add_command(plugins_command)
+main.add_command(new_plugin_command)

@@ -50,6 +50,10 @@ class Config:
         addr = self.listen
         if not addr.removeprefix("unix:"):
             raise ValueError("listen: an empty socket path")
+        if "\0" in addr:
+            # A leading NUL would make an abstract socket: no file, so no mode or group
+            # could keep other users (or other network namespaces' peers) out.
+            raise ValueError(f"listen: {addr!r} holds a NUL byte; give a file path")
         if ":" in addr.removeprefix("unix:") and not addr.removeprefix("unix:").startswith("/"):
             raise ValueError(
                 f"listen: {addr!r} is not a unix socket path (the runner never "

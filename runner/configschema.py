@@ -4,7 +4,9 @@ A plugin declares its config as a dataclass (or any supported type: str, int, fl
 bool, None, list[T], tuple[T, ...], dict[str, T], unions, Literal, Enum, nested
 dataclasses, Any). ``load_config`` parses the gateway's JSON string and builds that type,
 or raises ConfigError with the path of the offending field. A dataclass's
-``__post_init__`` may raise ValueError/TypeError to reject a value; its message is kept.
+``__post_init__`` may reject a value: ``raise ConfigError("field", "why")`` names the
+field (nested dataclasses get the full dotted path); a plain ValueError/TypeError keeps
+its message and names no field.
 """
 
 from __future__ import annotations
@@ -142,9 +144,10 @@ def _convert_dataclass(declared: type, value: Any, path: str) -> Any:
             raise ConfigError(sub, "required field is missing")
     try:
         return declared(**kwargs)
+    except ConfigError as exc:
+        # Raised by __post_init__ with a field name relative to its own dataclass.
+        raise ConfigError(_join(path, exc.field) if exc.field else path, exc.reason) from None
     except (ValueError, TypeError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
         raise ConfigError(path, str(exc)) from None
 
 

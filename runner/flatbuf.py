@@ -38,6 +38,12 @@ def root_fields(buf: bytes, nslots: int) -> list[int]:
     return table_fields(buf, _u32(buf, 0)[0], nslots)
 
 
+# Unpackers of n vtable entries, made once: a format string per call costs a cache lookup.
+_OFFSETS: Final = [struct.Struct(f"<{n}H").unpack_from for n in range(32)]
+_NO_OFFSETS: Final = [(0,) * n for n in range(32)]
+_HH: Final = struct.Struct("<HH").unpack_from
+
+
 def table_fields(buf: bytes, pos: int, nslots: int) -> list[int]:
     """Absolute positions of the fields of the table at ``pos`` (0 where absent)."""
     size = len(buf)
@@ -46,18 +52,21 @@ def table_fields(buf: bytes, pos: int, nslots: int) -> list[int]:
     vt = pos - _i32(buf, pos)[0]
     if vt < 0 or vt + 4 > size:
         raise MalformedMessage(f"vtable offset {vt} is outside the {size}-byte message")
-    vt_size, table_size = struct.unpack_from("<HH", buf, vt)
+    vt_size, table_size = _HH(buf, vt)
     if vt_size < 4 or vt + vt_size > size or pos + table_size > size:
         raise MalformedMessage("vtable or table runs past the end of the message")
-    present = min(nslots, (vt_size - 4) >> 1)
-    offsets = struct.unpack_from(f"<{present}H", buf, vt + 4)
-    out = [pos + o if o else 0 for o in offsets]
-    if present < nslots:
-        out.extend([0] * (nslots - present))
-    for o in offsets:
-        if o >= table_size:
-            raise MalformedMessage(f"a field offset ({o}) lies outside its {table_size}-byte table")
-    return out
+    present = (vt_size - 4) >> 1
+    if present >= nslots:
+        offsets = _OFFSETS[nslots](buf, vt + 4)
+    else:
+        offsets = _OFFSETS[present](buf, vt + 4)
+        if offsets and max(offsets) >= table_size:
+            raise MalformedMessage(f"a field offset lies outside its {table_size}-byte table")
+        offsets += _NO_OFFSETS[nslots - present]
+        return [pos + o if o else 0 for o in offsets]
+    if offsets and max(offsets) >= table_size:
+        raise MalformedMessage(f"a field offset lies outside its {table_size}-byte table")
+    return [pos + o if o else 0 for o in offsets]
 
 
 def read_u8(buf: bytes, field_pos: int) -> int:
@@ -128,15 +137,51 @@ Entry: TypeAlias = tuple[str, str | None]
 
 
 def read_text_entries(buf: bytes, field_pos: int) -> list[Entry]:
-    """A ``[TextEntry]`` field as ``(name, value)`` pairs; value None means "no value"."""
+    """A ``[TextEntry]`` field as ``(name, value)`` pairs; value None means "no value".
+
+    Headers are the bulk of a request, so this is ``table_fields`` and ``read_str``
+    unrolled for two-field tables, with the same checks.
+    """
     out: list[Entry] = []
+    size = len(buf)
     for pos in read_table_vector(buf, field_pos):
-        name_pos, value_pos = table_fields(buf, pos, 2)
-        name = read_str(buf, name_pos)
-        if name is None:
+        if pos + 4 > size:
+            raise MalformedMessage(f"table offset {pos} is outside the {size}-byte message")
+        vt = pos - _i32(buf, pos)[0]
+        if vt < 0 or vt + 4 > size:
+            raise MalformedMessage(f"vtable offset {vt} is outside the {size}-byte message")
+        vt_size, table_size = _HH(buf, vt)
+        if vt_size < 4 or vt + vt_size > size or pos + table_size > size:
+            raise MalformedMessage("vtable or table runs past the end of the message")
+        if vt_size >= 8:
+            name_off, value_off = _HH(buf, vt + 4)
+            if name_off >= table_size or value_off >= table_size:
+                raise MalformedMessage("a TextEntry field lies outside its table")
+        elif vt_size >= 6:
+            name_off = _u16(buf, vt + 4)[0]
+            value_off = 0
+            if name_off >= table_size:
+                raise MalformedMessage("a TextEntry field lies outside its table")
+        else:
+            name_off = value_off = 0
+        if not name_off:
             raise MalformedMessage("a TextEntry has no name")
-        out.append((name, read_str(buf, value_pos)))
+        name = _text_at(buf, pos + name_off, size)
+        out.append((name, _text_at(buf, pos + value_off, size) if value_off else None))
     return out
+
+
+def _text_at(buf: bytes, field_pos: int, size: int) -> str:
+    """The string whose uoffset is at ``field_pos`` (``read_str`` for a present field)."""
+    if field_pos + 4 > size:
+        raise MalformedMessage(f"4 bytes at {field_pos} lie outside the {size}-byte message")
+    start = field_pos + _u32(buf, field_pos)[0]
+    if start + 4 > size:
+        raise MalformedMessage(f"offset at {field_pos} points outside the message")
+    end = start + 4 + _u32(buf, start)[0]
+    if end > size:
+        raise MalformedMessage(f"vector at {start} runs past the message end")
+    return buf[start + 4 : end].decode("utf-8", "surrogateescape")
 
 
 def _check(buf: bytes, pos: int, size: int) -> None:
@@ -235,3 +280,90 @@ def text_entries(entries: Sequence[Entry]) -> list[TableSpec]:
         ((0, BYTES, name),) if value is None else ((0, BYTES, name), (1, BYTES, value))
         for name, value in entries
     ]
+
+
+# ------------------------------------------------------------------ writing, fast
+#
+# The same layout as ``build``, byte for byte, without its per-field dispatch: each piece
+# is a relocatable "blob" (all offsets inside it are relative, and its length is a
+# multiple of 4), and a table's children are blobs laid out right after it. A child is
+# ``(blob, inner)``: ``inner`` is where the uoffset must point inside the blob (0 for
+# strings and vectors, past the vtable for tables). ``build`` stays the reference the
+# tests hold these to.
+
+Child: TypeAlias = tuple[bytes, int]
+
+_STR_PAD: Final = (b"\0\0\0\0", b"\0\0\0", b"\0\0", b"\0")  # NUL terminator + alignment
+BYTES_PAD: Final = (b"", b"\0\0\0", b"\0\0", b"\0")
+_ENTRY_WITH_VALUE: Final = struct.Struct("<HHHHiII")  # vtable (8) + table (12)
+_ENTRY_WITHOUT_VALUE: Final = struct.Struct("<HHHxxiI")  # vtable (6) + pad (2) + table (8)
+_STR_LEN: Final = [4 + n + len(_STR_PAD[n & 3]) for n in range(4)]
+
+
+def str_blob(value: str) -> bytes:
+    """A FlatBuffers string: length, UTF-8 bytes (surrogates back to raw bytes), NUL, pad."""
+    data = value.encode("utf-8", "surrogateescape")
+    return b"".join((_pack_u32(len(data)), data, _STR_PAD[len(data) & 3]))
+
+
+def bytes_blob(data: bytes) -> bytes:
+    """A ``[ubyte]`` vector: length, bytes, pad (no NUL, unlike a string)."""
+    return b"".join((_pack_u32(len(data)), data, BYTES_PAD[len(data) & 3]))
+
+
+def entries_blob(entries: Sequence[Entry]) -> bytes:
+    """A ``[TextEntry]`` vector; a None value leaves the value field out."""
+    count = len(entries)
+    parts: list[bytes] = [b""]  # the count and the slots, filled in at the end
+    slots: list[int] = []
+    at = 4 * count  # from the first slot to the first table's vtable
+    for i, (name, value) in enumerate(entries):
+        name_blob = str_blob(name)
+        if value is None:
+            # vtable [6, 8, 4] + pad, then table [soffset 8, name -> right after it]
+            parts.append(_ENTRY_WITHOUT_VALUE.pack(6, 8, 4, 8, 4))
+            parts.append(name_blob)
+            slots.append(at + 8 - 4 * i)
+            at += 16 + len(name_blob)
+        else:
+            value_blob = str_blob(value)
+            parts.append(_ENTRY_WITH_VALUE.pack(8, 12, 4, 8, 8, 8, 4 + len(name_blob)))
+            parts.append(name_blob)
+            parts.append(value_blob)
+            slots.append(at + 8 - 4 * i)
+            at += 20 + len(name_blob) + len(value_blob)
+    parts[0] = struct.pack(f"<I{count}I", count, *slots)
+    return b"".join(parts)
+
+
+def table_blob(fields: Sequence[tuple[int, int | Child]]) -> Child:
+    """A table and its children, fields listed in slot order; ints are scalars written
+    into 4-byte slots (the caller checks their range), children are blobs."""
+    count = len(fields)
+    nslots = fields[-1][0] + 1 if fields else 0
+    vt_size = 4 + 2 * nslots
+    pad = -vt_size % 4
+    table_pos = vt_size + pad
+    offsets = [0] * nslots
+    words: list[int] = []
+    children: list[bytes] = []
+    child_at = table_pos + 4 + 4 * count
+    for i, (slot, value) in enumerate(fields):
+        offsets[slot] = 4 + 4 * i
+        if isinstance(value, int):
+            words.append(value)
+        else:
+            blob, inner = value
+            words.append(child_at + inner - (table_pos + 4 + 4 * i))
+            children.append(blob)
+            child_at += len(blob)
+    head = struct.pack(
+        f"<HH{nslots}H{pad}xi{count}I", vt_size, 4 + 4 * count, *offsets, table_pos, *words
+    )
+    return head + b"".join(children) if children else head, table_pos
+
+
+def finish(root: Child) -> bytes:
+    """The whole message: the root uoffset, then the root table's blob."""
+    blob, inner = root
+    return _pack_u32(4 + inner) + blob

@@ -6,6 +6,7 @@ type, a 3-byte big-endian payload length, then the payload (a FlatBuffers messag
 
 from __future__ import annotations
 
+import struct
 from enum import IntEnum
 from typing import Final
 
@@ -13,6 +14,7 @@ HEADER_SIZE: Final = 4
 # The length field has 24 bits: 2**24 - 1 is the protocol's hard ceiling. (One peer used
 # 2 << 24 - 1, twice this, and wrapped the header of every frame above 16 MiB.)
 MAX_PAYLOAD: Final = (1 << 24) - 1
+_HEADER: Final = struct.Struct(">I").unpack_from
 
 
 class RPC(IntEnum):
@@ -61,17 +63,26 @@ class FrameDecoder:
     __slots__ = ("_buf", "_max_payload", "_pos")
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buf = bytearray()
+        # bytes while it holds one piece as received (usually one whole frame: no copy),
+        # a bytearray once pieces must be joined.
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._max_payload = max_payload
 
     def feed(self, data: bytes) -> None:
-        if self._pos:
+        buf = self._buf
+        if not buf:
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+            return
+        if isinstance(buf, bytes):
+            buf = self._buf = bytearray(memoryview(buf)[self._pos :])
+        elif self._pos:
             # Drop consumed bytes only when new data comes, so that a burst of small
             # frames costs one compaction instead of one per frame.
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+            del buf[: self._pos]
+        self._pos = 0
+        buf += data
 
     @property
     def buffered(self) -> int:
@@ -89,16 +100,17 @@ class FrameDecoder:
         avail = len(buf) - pos
         if avail < HEADER_SIZE:
             return None
-        header = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
+        header = _HEADER(buf, pos)[0]
         size = header & 0xFFFFFF
         if size > self._max_payload:
             raise FrameTooLarge(size, self._max_payload)
         end = pos + HEADER_SIZE + size
         if end > len(buf):
             return None
-        payload = bytes(buf[pos + HEADER_SIZE : end])
+        # One copy of the payload, however the stream arrived.
+        payload = bytes(memoryview(buf)[pos + HEADER_SIZE : end])
         if end == len(buf):
-            buf.clear()
+            self._buf = b""
             self._pos = 0
         else:
             self._pos = end

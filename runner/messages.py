@@ -177,34 +177,73 @@ class Rewrite:
 
 _ACTION_STOP: Final = 1
 _ACTION_REWRITE: Final = 2
+_U32_LIMIT: Final = 1 << 32
+_U16_LIMIT: Final = 1 << 16
+_pack_u32 = struct.Struct("<I").pack
+
+# Replies are written straight into their final layout, the one ``fb.build`` produces
+# (the tests compare the two byte for byte). Every HTTPReqCall.Resp with an action
+# starts alike: root offset, Resp's vtable [id, action_type, action] and table, then
+# the action table right after it at offset 32.
+_RESP_HEAD: Final = struct.Struct("<IHHHHHxxiIII")
+_PASS_THROUGH_HEAD: Final = fb.build(((0, fb.U32, 0),))[:-4]  # all of it but the id
+# A Stop without headers, with and without a body: the Resp, then the Stop's vtable
+# and table (a body follows as a [ubyte] vector).
+_STOP_BARE: Final = struct.Struct("<IHHHHHxxiIIIHHHxxiI")
+_STOP_WITH_BODY: Final = struct.Struct("<IHHHHHxxiIIIHHHHHxxiII")
 
 
 def encode_req_call_reply(call_id: int, action: Stop | Rewrite | None) -> bytes:
     """``A6.HTTPReqCall.Resp``. No action means "pass the request through unchanged"."""
+    if not 0 <= call_id < _U32_LIMIT:
+        raise ValueError(f"call id {call_id} does not fit a uint32")
     if action is None:
-        return fb.build(((0, fb.U32, call_id),))
-    spec: list[fb.Field]
+        return _PASS_THROUGH_HEAD + _pack_u32(call_id)
     if isinstance(action, Stop):
-        spec = [(0, fb.U16, action.status)]
-        if action.headers:
-            spec.append((1, fb.TABLES, fb.text_entries(action.headers)))
-        if action.body:
-            spec.append((2, fb.BYTES, action.body))
-        kind = _ACTION_STOP
-    else:
-        spec = []
-        if action.path is not None:
-            spec.append((0, fb.BYTES, action.path))
-        if action.headers:
-            spec.append((1, fb.TABLES, fb.text_entries(action.headers)))
-        if action.args:
-            spec.append((2, fb.TABLES, fb.text_entries(action.args)))
-        if action.resp_headers:
-            spec.append((3, fb.TABLES, fb.text_entries(action.resp_headers)))
-        if action.body is not None:
-            spec.append((4, fb.BYTES, action.body))
-        kind = _ACTION_REWRITE
-    return fb.build(((0, fb.U32, call_id), (1, fb.U8, kind), (2, fb.TABLE, spec)))
+        return _encode_stop(call_id, action)
+    return _encode_rewrite(call_id, action)
+
+
+def _encode_stop(call_id: int, stop: Stop) -> bytes:
+    status = stop.status
+    if not 0 <= status < _U16_LIMIT:
+        raise ValueError(f"status {status} does not fit a uint16")
+    body = stop.body
+    if not stop.headers:
+        if not body:
+            # Stop table at 40: uoffset 40 - 28 = 12.
+            return _STOP_BARE.pack(16, 10, 16, 4, 8, 12, 12, call_id, 1, 12, 6, 8, 4, 8, status)
+        # Stop table at 44 (uoffset 16); its body slot at 52 points to the vector at 56.
+        head = _STOP_WITH_BODY.pack(
+            16, 10, 16, 4, 8, 12, 12, call_id, 1, 16, 10, 12, 4, 0, 8, 12, status, 4
+        )
+        return b"".join((head, _pack_u32(len(body)), body, fb.BYTES_PAD[len(body) & 3]))
+    headers = (fb.entries_blob(stop.headers), 0)
+    fields: list[tuple[int, int | fb.Child]] = [(0, status), (1, headers)]
+    if body:
+        fields.append((2, (fb.bytes_blob(body), 0)))
+    return _resp_with_action(call_id, _ACTION_STOP, fb.table_blob(fields))
+
+
+def _encode_rewrite(call_id: int, rw: Rewrite) -> bytes:
+    fields: list[tuple[int, int | fb.Child]] = []
+    if rw.path is not None:
+        fields.append((0, (fb.str_blob(rw.path), 0)))
+    if rw.headers:
+        fields.append((1, (fb.entries_blob(rw.headers), 0)))
+    if rw.args:
+        fields.append((2, (fb.entries_blob(rw.args), 0)))
+    if rw.resp_headers:
+        fields.append((3, (fb.entries_blob(rw.resp_headers), 0)))
+    if rw.body is not None:
+        fields.append((4, (fb.bytes_blob(rw.body), 0)))
+    return _resp_with_action(call_id, _ACTION_REWRITE, fb.table_blob(fields))
+
+
+def _resp_with_action(call_id: int, kind: int, action: fb.Child) -> bytes:
+    blob, inner = action
+    # The action table lies at 32 + inner; its uoffset is stored at 28.
+    return _RESP_HEAD.pack(16, 10, 16, 4, 8, 12, 12, call_id, kind, 4 + inner) + blob
 
 
 # ---------------------------------------------------------------------- HTTPRespCall
@@ -250,14 +289,18 @@ def encode_resp_call_reply(
     The gateway reads it this way: status 0 keeps the upstream status; a non-empty
     header list REPLACES every upstream header; an empty body keeps the upstream body.
     """
-    spec: list[fb.Field] = [(0, fb.U32, call_id)]
+    if not 0 <= call_id < _U32_LIMIT:
+        raise ValueError(f"call id {call_id} does not fit a uint32")
+    fields: list[tuple[int, int | fb.Child]] = [(0, call_id)]
     if status:
-        spec.append((1, fb.U16, status))
+        if not 0 <= status < _U16_LIMIT:
+            raise ValueError(f"status {status} does not fit a uint16")
+        fields.append((1, status))
     if headers:
-        spec.append((2, fb.TABLES, fb.text_entries(headers)))
+        fields.append((2, (fb.entries_blob(headers), 0)))
     if body:
-        spec.append((3, fb.BYTES, body))
-    return fb.build(spec)
+        fields.append((3, (fb.bytes_blob(body), 0)))
+    return fb.finish(fb.table_blob(fields))
 
 
 # ------------------------------------------------------------------------- ExtraInfo
@@ -273,8 +316,10 @@ class InfoKind(IntEnum):
 
 def encode_extra_info_query(kind: InfoKind, name: str = "") -> bytes:
     """``A6.ExtraInfo.Req``: ask for an nginx variable (by name) or a body."""
-    info: list[fb.Field] = [(0, fb.BYTES, name)] if kind is InfoKind.VAR else []
-    return fb.build(((0, fb.U8, int(kind)), (1, fb.TABLE, info)))
+    info: list[tuple[int, int | fb.Child]] = (
+        [(0, (fb.str_blob(name), 0))] if kind is InfoKind.VAR else []
+    )
+    return fb.finish(fb.table_blob([(0, int(kind)), (1, fb.table_blob(info))]))
 
 
 def decode_extra_info_reply(payload: bytes) -> bytes | None:

@@ -62,6 +62,9 @@ EXCLUDED_RESPONSE_HEADERS = frozenset(
     }
 )
 
+# Hop-by-hop headers of the upstream's response: never copied onto the client's response.
+_FRAMING_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding"})
+
 
 class InfoSource(Protocol):
     """Where a call's extra information comes from: the gateway, or a test's fake."""
@@ -94,6 +97,12 @@ def _check_text(what: str, value: str) -> str:
     return value
 
 
+def _discard(awaitable: Awaitable[Any]) -> None:
+    """Close a coroutine that will never run, sparing the "never awaited" warning."""
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
+
+
 def _as_bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
@@ -101,13 +110,17 @@ def _as_bytes(data: bytes | str) -> bytes:
 class _MultiDict:
     """Ordered multi-valued entries with change tracking; the base of headers and args."""
 
-    __slots__ = ("_changed", "_entries", "_fold", "_source")
+    __slots__ = ("_changed", "_entries", "_fold", "_pending", "_source")
 
     def __init__(self, source: Iterable[Entry] | None, fold_case: bool) -> None:
         self._source = source  # shared with the decoded message until the first change
         self._entries: list[Entry] | None = None
         self._changed: dict[str, str] = {}  # key -> the name as the plugin spelled it
         self._fold = fold_case
+        # Replacements made before anything was read: key -> (name, values). Setting a
+        # header should not cost decoding all of them; the source is decoded and the
+        # replacements applied (in order) only when a plugin reads the entries.
+        self._pending: dict[str, tuple[str, list[str | None]]] | None = None
 
     def _key(self, name: str) -> str:
         return name.lower() if self._fold else name
@@ -115,7 +128,20 @@ class _MultiDict:
     def _items(self) -> Iterable[Entry]:
         if self._entries is not None:
             return self._entries
+        if self._pending is not None:
+            return self._apply_pending(self._pending)
         return self._source if self._source is not None else ()
+
+    def _apply_pending(self, pending: dict[str, tuple[str, list[str | None]]]) -> list[Entry]:
+        # The same result as applying each _replace to the decoded source in turn: the
+        # untouched entries in order, then each replaced name's values, latest last.
+        source = self._source if self._source is not None else ()
+        entries = [e for e in source if self._key(e[0]) not in pending]
+        for name, values in pending.values():
+            entries.extend((name, v) for v in values)
+        self._entries = entries
+        self._pending = None
+        return entries
 
     def _mutable(self) -> list[Entry]:
         if self._entries is None:
@@ -161,9 +187,16 @@ class _MultiDict:
 
     def _replace(self, name: str, values: Iterable[str | None]) -> None:
         key = self._key(name)
-        entries = [e for e in self._mutable() if self._key(e[0]) != key]
-        entries.extend((name, v) for v in values)
-        self._entries = entries
+        if self._entries is None:
+            pending = self._pending
+            if pending is None:
+                pending = self._pending = {}
+            pending.pop(key, None)  # a replaced name moves to the end, as below
+            pending[key] = (name, list(values))
+        else:
+            entries = [e for e in self._entries if self._key(e[0]) != key]
+            entries.extend((name, v) for v in values)
+            self._entries = entries
         self._changed[key] = name
 
     def _append(self, name: str, value: str | None) -> None:
@@ -205,6 +238,13 @@ class Headers(_MultiDict):
 
     def rewrite_entries(self) -> list[Entry]:
         """What the gateway needs to apply our changes: one entry per changed name."""
+        pending = self._pending
+        if pending is not None:  # every change is a replacement: no need to decode
+            return [
+                (name, values[-1] if values else None)
+                for key, name in self._changed.items()
+                for values in (pending[key][1],)
+            ]
         out: list[Entry] = []
         for key, name in self._changed.items():
             values = [v for n, v in self._items() if n.lower() == key]
@@ -256,8 +296,10 @@ class Args(_MultiDict):
         further entries append, an entry without value deletes. A ``?flag`` that must
         be re-sent alongside new values can only be sent as ``flag=``."""
         out: list[Entry] = []
+        pending = self._pending
         for name in self._changed:
-            values = self.getall(name)
+            # Without reads, every change is a pending replacement: no need to decode.
+            values = pending[name][1] if pending is not None else self.getall(name)
             if values:
                 out.extend((name, "" if v is None else v) for v in values)
             else:
@@ -303,14 +345,32 @@ class _Call:
 
     def run_sync(self, awaitable: Awaitable[Any], timeout: float | None = None) -> Any:
         """From a ``blocking = True`` plugin's worker thread: wait for an awaitable
-        of this call, e.g. ``request.run_sync(request.var("remote_addr"))``."""
-        if self._loop is None:
-            raise RuntimeError("run_sync is only for hooks of blocking plugins")
+        of this call, e.g. ``request.run_sync(request.var("remote_addr"))``.
+
+        Raises RuntimeError outside a blocking hook, and once the call is over (a
+        thread still running past the call deadline can no longer ask the gateway).
+        """
+        loop = self._loop
+        if loop is None:
+            _discard(awaitable)
+            raise RuntimeError(
+                "run_sync works only in a blocking plugin's hook, while its call lasts"
+            )
 
         async def wrapper() -> Any:
+            if self._loop is None:  # the call ended while this was on its way
+                _discard(awaitable)
+                raise RuntimeError("the call is over: the gateway can no longer be asked")
             return await awaitable
 
-        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
+        coro = wrapper()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop is closed: the runner is shutting down
+            coro.close()
+            _discard(awaitable)
+            raise
+        return future.result(timeout)
 
 
 class Request(_Call):
@@ -323,14 +383,14 @@ class Request(_Call):
     """
 
     __slots__ = (
+        "_args",
+        "_headers",
         "_new_body",
         "_path",
         "_raw",
         "_resp_headers",
         "_src_ip",
         "_stop",
-        "args",
-        "headers",
         "id",
     )
 
@@ -343,8 +403,25 @@ class Request(_Call):
         self._stop: Stop | None = None
         self._resp_headers: list[tuple[str, str]] = []
         self._src_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | bool | None = False
-        self.headers = Headers(_LazyEntries(raw, "headers"))
-        self.args = Args(_LazyEntries(raw, "args"))
+        # Made on first use: most plugins of a route never touch both.
+        self._headers: Headers | None = None
+        self._args: Args | None = None
+
+    @property
+    def headers(self) -> Headers:
+        """The request headers; ``set``/``delete`` send changes to the gateway."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = Headers(_LazyEntries(self._raw, "headers"))
+        return headers
+
+    @property
+    def args(self) -> Args:
+        """The query args; ``set``/``add``/``delete`` send changes to the gateway."""
+        args = self._args
+        if args is None:
+            args = self._args = Args(_LazyEntries(self._raw, "args"))
+        return args
 
     @property
     def method(self) -> str:
@@ -381,10 +458,13 @@ class Request(_Call):
         """
         if not 100 <= status <= 999:
             raise ValueError(f"status must be an HTTP status code (100-999), got {status}")
-        pairs = headers.items() if isinstance(headers, Mapping) else headers
-        checked = tuple(
-            (_check_text("header name", n), _check_text("header value", v)) for n, v in pairs
-        )
+        if not headers:  # the usual case, and cheaper than the checks below
+            checked: tuple[tuple[str, str], ...] = ()
+        else:
+            pairs = headers.items() if isinstance(headers, Mapping) else headers
+            checked = tuple(
+                (_check_text("header name", n), _check_text("header value", v)) for n, v in pairs
+            )
         self._stop = Stop(status, checked, _as_bytes(body))
 
     @property
@@ -437,18 +517,20 @@ class Request(_Call):
         if self._stop is not None:
             return self._stop
         new_body = self._new_body
+        headers = self._headers
+        args = self._args
         if (
             self._path is None
-            and not self.headers.changed
-            and not self.args.changed
+            and (headers is None or not headers.changed)
+            and (args is None or not args.changed)
             and not self._resp_headers
             and new_body is None
         ):
             return None
         return Rewrite(
             path=self._path,
-            headers=self.headers.rewrite_entries(),
-            args=self.args.rewrite_entries(),
+            headers=headers.rewrite_entries() if headers is not None else [],
+            args=args.rewrite_entries() if args is not None else [],
             resp_headers=tuple(self._resp_headers),
             body=new_body,
         )
@@ -478,8 +560,13 @@ class Response(_Call):
     ``await request_body()``, ``await var(name)``. Changing: :meth:`set_status`,
     ``headers.set/add/delete``, :meth:`set_body`.
 
-    If any header changes, the runner sends the whole resulting header list, because
-    the gateway replaces every upstream header with a non-empty list.
+    What the gateway does with the changes: a new status replaces the upstream's; a
+    new body replaces the upstream's (an empty body cannot be sent: it reads as
+    "unchanged"). If any header changes, the runner sends the whole resulting header
+    list, because the gateway replaces every upstream header with a non-empty list;
+    so deleting every header cannot be expressed (an empty list keeps the upstream's).
+    With no header change, the gateway copies the upstream's headers except
+    ``content-*``, ``location``, ``server``, ``www-authenticate`` and hop-by-hop ones.
     """
 
     __slots__ = ("_new_body", "_new_status", "_status", "headers", "id")
@@ -499,6 +586,7 @@ class Response(_Call):
 
     @property
     def upstream_status(self) -> int:
+        """The status the upstream answered with, whatever :meth:`set_status` did."""
         return self._status
 
     async def body(self) -> bytes | None:
@@ -512,6 +600,7 @@ class Response(_Call):
         return await self._fetch_body(InfoKind.REQ_BODY)
 
     def set_status(self, status: int) -> None:
+        """Give the client this status instead of the upstream's."""
         if not 100 <= status <= 999:
             raise ValueError(f"status must be an HTTP status code (100-999), got {status}")
         self._new_status = status
@@ -525,10 +614,22 @@ class Response(_Call):
         self._new_body = data
 
     def reply(self) -> tuple[int, list[tuple[str, str]], bytes | None]:
-        """``(status or 0, headers or [], body or None)`` as HTTPRespCall.Resp wants them."""
+        """``(status or 0, headers or [], body or None)`` as HTTPRespCall.Resp wants them.
+
+        The gateway sets every header of a non-empty list on the client's response, so
+        the framing headers of the upstream's response are left out: nginx frames the
+        response itself, and a stale ``content-length`` would cut a replaced body.
+        """
         headers: list[tuple[str, str]] = []
         if self.headers.changed:
-            headers = [(n, v) for n, v in self.headers.items() if v is not None]
+            body_replaced = self._new_body is not None
+            headers = [
+                (n, v)
+                for n, v in self.headers.items()
+                if v is not None
+                and n.lower() not in _FRAMING_HEADERS
+                and not (body_replaced and n.lower() == "content-length")
+            ]
         return self._new_status, headers, self._new_body
 
 

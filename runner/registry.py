@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import logging
 import pkgutil
@@ -10,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import Any
 
 from runner.errors import UnknownPlugin
@@ -82,8 +83,11 @@ class PluginRegistry:
         try:
             module: ModuleType = do_import()
         except Exception as exc:
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            reason = f"{type(exc).__name__}: {exc} ({where.filename}:{where.lineno})"
+            if isinstance(exc, SyntaxError):  # its own message says where
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                reason = f"{type(exc).__name__}: {exc} ({where.filename}:{where.lineno})"
             self.import_errors[origin] = reason
             log.error("plugin module %s failed to import: %s", origin, reason)
             return None
@@ -122,11 +126,22 @@ class PluginRegistry:
         return len(self._plugins)
 
 
+class _SourceLoader(importlib.machinery.SourceFileLoader):
+    """Compiles a plugin file from its source every time, without a bytecode cache.
+
+    The cache is keyed by the source's size and whole-second mtime: after a quick edit
+    that keeps the size, a hot reload would run the previous version.
+    """
+
+    def get_code(self, fullname: str) -> CodeType:
+        return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
+
+
 def import_file(path: Path) -> ModuleType:
     """Import a plugin file under a module name of its own, so two directories may both
     hold an ``auth.py``. The file's directory is importable for its helper modules."""
     name = "a6_plugin_" + "_".join(path.with_suffix("").parts[-2:]).replace("-", "_")
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=_SourceLoader(name, str(path)))
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)

@@ -211,25 +211,30 @@ class RunnerServer:
         self._server: asyncio.AbstractServer | None = None
         self._all_closed = asyncio.Event()
         self._refused = 0
+        self._socket_id: tuple[int, int] | None = None
 
     async def start(self) -> None:
         path = self.config.socket_path
         prepare_socket_path(path)
+        sock = bind_socket(path, self.config.socket_mode, self.config.socket_group)
+        st = path.lstat()
+        self._socket_id = (st.st_dev, st.st_ino)
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_unix_server(
-                lambda: Connection(self), str(path), backlog=1024
+                lambda: Connection(self), sock=sock, backlog=1024
             )
         except OSError as exc:
+            sock.close()
+            remove_socket(path, self._socket_id)
             raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-        set_socket_access(path, self.config.socket_mode, self.config.socket_group)
 
     async def stop(self) -> None:
         """Stop accepting, let calls in flight finish within the grace period, close."""
         self.closing = True
         if self._server is not None:
             self._server.close()
-        remove_socket(self.config.socket_path)
+        remove_socket(self.config.socket_path, self._socket_id)
         busy = sum(conn.busy for conn in self.connections)
         for conn in list(self.connections):
             conn.close_when_idle()
@@ -266,8 +271,7 @@ def prepare_socket_path(path: Path) -> None:
     A socket file that a live process still accepts on is not stale: we refuse to start
     rather than steal the gateway's connections from another runner.
     """
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o755, parents=True)
+    make_socket_dir(path.parent)
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -293,19 +297,79 @@ def prepare_socket_path(path: Path) -> None:
     )
 
 
-def set_socket_access(path: Path, mode: int, group: str | None) -> None:
-    if group is not None:
+def make_socket_dir(directory: Path) -> None:
+    """Create the socket's directory and missing parents as 0755, whatever the umask.
+
+    Gateway workers running as another user must be able to traverse it; nobody else may
+    write there (and so replace our socket). An existing directory is left as it is.
+    """
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
         try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise StartupError(f"socket_group: no group named {group!r}") from None
-        os.chown(path, -1, gid)
-    os.chmod(path, mode)
+            d.mkdir()
+            os.chmod(d, 0o755)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs to set up
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create the socket's directory {d}: {exc.strerror or exc}"
+            ) from exc
 
 
-def remove_socket(path: Path) -> None:
+def bind_socket(path: Path, mode: int, group: str | None) -> socket.socket:
+    """A Unix socket bound at ``path`` with its final mode and group, not yet listening.
+
+    The file is born owner-only whatever the umask and is opened up only to the
+    configured access before anyone can connect: a socket restricted to a group must
+    never have been reachable by everyone, even for a moment.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        # The umask is process-wide; nothing else creates files while the runner starts.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        bound = True
+        set_socket_access(path, mode, group)
+    except BaseException as exc:
+        sock.close()
+        if bound:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        raise
+    return sock
+
+
+def set_socket_access(path: Path, mode: int, group: str | None) -> None:
+    try:
+        if group is not None:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise StartupError(f"socket_group: no group named {group!r}") from None
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+    except OSError as exc:
+        what = f"group {group!r} and mode {mode:o}" if group is not None else f"mode {mode:o}"
+        raise StartupError(f"cannot give the socket {path} {what}: {exc.strerror or exc}") from exc
+
+
+def remove_socket(path: Path, only: tuple[int, int] | None = None) -> None:
+    """Remove the socket file at ``path``; with ``only`` (st_dev, st_ino), only that file.
+
+    A runner that stops must not remove the socket of another runner that took the path
+    over after our file was deleted.
+    """
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
+        st = path.lstat()
+        if stat.S_ISSOCK(st.st_mode) and (only is None or (st.st_dev, st.st_ino) == only):
             path.unlink()
 
 

@@ -1,0 +1,132 @@
+"""``a6-runner plugins`` and ``a6-runner new-plugin``: the plugin author's commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from runner.cli import main
+
+GOOD = '''
+from dataclasses import dataclass
+from runner.plugin import Plugin, Request
+
+@dataclass(frozen=True)
+class GoodConfig:
+    limit: int
+    label: str = "x"
+
+class Good(Plugin[GoodConfig]):
+    """Does good things.
+
+    More detail that the listing leaves out.
+    """
+    name = "good"
+
+    def on_request(self, request: Request) -> None:
+        pass
+'''
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_plugins_lists_each_plugin_with_its_hooks_summary_and_config(tmp_path: Path) -> None:
+    (tmp_path / "good.py").write_text(GOOD)
+    result = invoke("plugins", "--plugins-dir", str(tmp_path), "--no-builtin-plugins")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("good  (on_request)  ")
+    assert lines[0].endswith("good.py")
+    assert lines[1:] == ["    Does good things.", "    config: {limit: int, label: str = 'x'}"]
+
+
+def test_plugins_includes_the_bundled_examples_by_default() -> None:
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    assert "response-rewrite  (on_response)" in result.output
+    assert "api-key  (on_request)" in result.output
+
+
+def test_plugins_reports_import_errors_and_fails(tmp_path: Path) -> None:
+    (tmp_path / "good.py").write_text(GOOD)
+    (tmp_path / "broken.py").write_text("import no_such_module_here\n")
+    result = CliRunner().invoke(
+        main, ["plugins", "--plugins-dir", str(tmp_path), "--no-builtin-plugins"]
+    )
+    assert result.exit_code == 1
+    assert "good  (on_request)" in result.stdout
+    assert "import error: " in result.stderr
+    assert "broken.py: ModuleNotFoundError: No module named 'no_such_module_here'" in (
+        result.stderr
+    )
+
+
+def test_plugins_refuses_two_plugins_with_one_name(tmp_path: Path) -> None:
+    (tmp_path / "good.py").write_text(GOOD)
+    (tmp_path / "good_again.py").write_text(GOOD)
+    result = CliRunner().invoke(
+        main, ["plugins", "--plugins-dir", str(tmp_path), "--no-builtin-plugins"]
+    )
+    assert result.exit_code == 2
+    assert "two plugins are named 'good'" in result.stderr
+
+
+def test_new_plugin_writes_a_plugin_and_a_test_that_passes(tmp_path: Path) -> None:
+    target = tmp_path / "my-plugins"
+    result = invoke("new-plugin", "header-stamp", "--plugins-dir", str(target))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in target.iterdir()) == ["header_stamp.py", "test_header_stamp.py"]
+    assert "a6-runner run --plugins-dir" in result.output
+
+    # The skeleton's own test passes as written, run the way its author will run it.
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_header_stamp.py"],
+        cwd=target,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 passed" in run.stdout
+
+    listing = invoke("plugins", "--plugins-dir", str(target), "--no-builtin-plugins")
+    assert listing.exit_code == 0, listing.output
+    assert listing.output.startswith("header-stamp  (on_request)")
+    assert "config: {header: str = 'x-header-stamp', value: str = 'hello'" in listing.output
+
+
+def test_new_plugin_never_overwrites_without_force(tmp_path: Path) -> None:
+    assert invoke("new-plugin", "stamp", "--plugins-dir", str(tmp_path)).exit_code == 0
+    (tmp_path / "stamp.py").write_text("# my work\n")
+    result = CliRunner().invoke(main, ["new-plugin", "stamp", "--plugins-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "already exist" in result.output
+    assert (tmp_path / "stamp.py").read_text() == "# my work\n"
+    assert invoke("new-plugin", "stamp", "--plugins-dir", str(tmp_path), "--force").exit_code == 0
+    assert "class Stamp(Plugin[StampConfig])" in (tmp_path / "stamp.py").read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("My Plugin", "lower-case letters"),
+        ("1st", "lower-case letters"),
+        ("trailing-", "lower-case letters"),
+        ("class", "Python keyword"),
+        ("say", "a bundled example plugin is already named 'say'"),
+    ],
+)
+def test_new_plugin_refuses_names_that_would_not_work(
+    tmp_path: Path, name: str, reason: str
+) -> None:
+    result = CliRunner().invoke(main, ["new-plugin", name, "--plugins-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert reason in result.output
+    assert list(tmp_path.iterdir()) == []
