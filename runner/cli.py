@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import click
 
 from runner import __version__
 from runner.bench import bench
+from runner.cli_options import builtin_plugins_option, plugin_dirs, plugins_dir_option
 from runner.config import DEFAULT_SOCKET, Config, read_config_file
 from runner.frame import MAX_PAYLOAD
 from runner.logs import setup_logging
@@ -78,23 +78,8 @@ def main() -> None:
     show_envvar=True,
     help="Seconds the gateway caches a conf token. Confs are kept 300 s longer.",
 )
-@click.option(
-    "--plugins-dir",
-    "plugins_dir",
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False),
-    envvar="A6_RUNNER_PLUGINS_DIR",
-    show_envvar=True,
-    help="Directory of plugin modules to load (repeatable; in the environment "
-    f"variable, separate with '{os.pathsep}').",
-)
-@click.option(
-    "--builtin-plugins/--no-builtin-plugins",
-    default=True,
-    show_default=True,
-    envvar="A6_RUNNER_BUILTIN_PLUGINS",
-    help="Load the example plugins shipped in the 'plugins' package.",
-)
+@plugins_dir_option
+@builtin_plugins_option
 @click.option(
     "--log-level",
     envvar="A6_RUNNER_LOG_LEVEL",
@@ -191,7 +176,7 @@ def run(**options: Any) -> None:
     config = Config(
         listen=options["listen"],
         conf_expire_time=options["conf_expire_time"],
-        plugin_dirs=tuple(Path(p) for p in _split_dirs(options["plugins_dir"])),
+        plugin_dirs=plugin_dirs(options["plugins_dir"]),
         builtin_plugins=options["builtin_plugins"],
         log_level=options["log_level"].lower(),
         call_timeout=options["call_timeout"],
@@ -206,15 +191,6 @@ def run(**options: Any) -> None:
     )
     setup_logging(config.log_level)
     raise SystemExit(run_runner(config))
-
-
-def _split_dirs(values: Any) -> list[str]:
-    if isinstance(values, str):
-        values = [values]
-    out: list[str] = []
-    for value in values or ():
-        out.extend(p for p in str(value).split(os.pathsep) if p)
-    return out
 
 
 main.add_command(bench)

@@ -10,29 +10,15 @@ from pathlib import Path
 
 import click
 
+from runner.cli_options import builtin_plugins_option, plugin_dirs, plugins_dir_option
 from runner.config import Config
 
 PLUGIN_NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 
 
 @click.command("plugins")
-@click.option(
-    "--plugins-dir",
-    "plugins_dir",
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False),
-    envvar="A6_RUNNER_PLUGINS_DIR",
-    show_envvar=True,
-    help="Directory of plugin modules to load (repeatable; in the environment "
-    f"variable, separate with '{os.pathsep}').",
-)
-@click.option(
-    "--builtin-plugins/--no-builtin-plugins",
-    default=True,
-    show_default=True,
-    envvar="A6_RUNNER_BUILTIN_PLUGINS",
-    help="Include the example plugins shipped in the 'plugins' package.",
-)
+@plugins_dir_option
+@builtin_plugins_option
 def plugins_command(plugins_dir: tuple[str, ...], builtin_plugins: bool) -> None:
     """List the plugins `run` would load, with their configs; report import errors.
 
@@ -40,14 +26,13 @@ def plugins_command(plugins_dir: tuple[str, ...], builtin_plugins: bool) -> None
     loaded at all (a missing directory, two plugins with one name).
     """
     from runner.app import load_registry  # keeps `a6-runner --help` fast
-    from runner.cli import _split_dirs
     from runner.configschema import describe
     from runner.registry import PluginLoadError
 
     # Import errors are reported below, once: keep the registry's log lines quiet.
     logging.getLogger("a6").addHandler(logging.NullHandler())
     config = Config(
-        plugin_dirs=tuple(Path(p) for p in _split_dirs(plugins_dir)),
+        plugin_dirs=plugin_dirs(plugins_dir),
         builtin_plugins=builtin_plugins,
     )
     try:
