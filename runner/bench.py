@@ -176,7 +176,7 @@ class BenchResult:
     reconnects: int
     first_reply: str
     shape: dict[str, Any]
-    stopped_by: str  # "requests", "duration" or "failure"
+    stopped_by: str  # "requests" or "duration": the bound that ended the run
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -271,7 +271,9 @@ class _Run:
         self.errors: Counter[str] = Counter()
         self.measuring = False
         self.stopping = False
+        self.stopped_by = "duration"
         self.issued = 0
+        self.warmup_calls = 0
         self.completed = 0
         self.ok = 0
         self.reconnects = 0
@@ -285,6 +287,7 @@ class _Run:
         self.loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
         self.slots: list[_Slot] = []
+        self.reconnecting: set[asyncio.Task[None]] = set()
         now = time.perf_counter_ns()
         self.warmup_end = now + int(config.warmup * 1e9)
         self.deadline = self.warmup_end + int(config.duration * 1e9)
@@ -354,34 +357,44 @@ class _Run:
             resp = refcodec.decode_resp_call_reply(frame[4:])
             if self.config.check_id and resp.id != call_id:
                 return None
-            return (
-                f"response: status {resp.status or 'unchanged'}, {len(resp.headers)} header(s),"
-                f" body {'unchanged' if resp.body is None else f'{len(resp.body)} bytes'}"
+            headers = _entries(resp.headers) if resp.headers else "unchanged"
+            body = "unchanged" if resp.body is None else f"{len(resp.body)} bytes"
+            return _shorten(
+                f"response: status {resp.status or 'unchanged'}, headers {headers}, body {body}"
             )
         except Exception:
             return None
 
 
+def _entries(entries: Sequence[tuple[str, str | None]]) -> str:
+    return ", ".join(name if value is None else f"{name}={value}" for name, value in entries)
+
+
 def _describe_action(action: refcodec.StopAction | refcodec.RewriteAction | None) -> str:
+    """One line saying what a reply asks the gateway to do, for the report."""
     if action is None:
         return "pass through"
     if isinstance(action, refcodec.StopAction):
-        return (
-            f"stop: status {action.status}, {len(action.headers)} header(s),"
-            f" {len(action.body)}-byte body"
-        )
+        text = f"stop: status {action.status}, {len(action.body)}-byte body"
+        if action.headers:
+            text += f", headers {_entries(action.headers)}"
+        return _shorten(text)
     parts = []
     if action.path is not None:
         parts.append(f"path {action.path}")
     if action.headers:
-        parts.append(f"{len(action.headers)} header(s)")
+        parts.append(f"headers {_entries(action.headers)}")
     if action.args:
-        parts.append(f"{len(action.args)} arg(s)")
+        parts.append(f"args {_entries(action.args)}")
     if action.resp_headers:
-        parts.append(f"{len(action.resp_headers)} response header(s)")
+        parts.append(f"response headers {_entries(action.resp_headers)}")
     if action.body is not None:
         parts.append(f"{len(action.body)}-byte body")
-    return "rewrite: " + (", ".join(parts) or "nothing")
+    return _shorten("rewrite: " + ("; ".join(parts) or "nothing"))
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Slot(asyncio.Protocol):
@@ -458,6 +471,8 @@ class _Slot(asyncio.Protocol):
                 run.latencies.append(now - self.started)
                 run.ok += 1
                 run.completed += 1
+            else:
+                run.warmup_calls += 1
             self.next(now)
         elif rpc_type == RPC.EXTRA_INFO:
             try:
@@ -508,7 +523,9 @@ class _Slot(asyncio.Protocol):
         self.buf.clear()
         run.check_done()
         if not run.stopping:
-            run.loop.create_task(_reconnect(run, self.index))
+            task = run.loop.create_task(_reconnect(run, self.index))
+            run.reconnecting.add(task)  # the loop holds tasks weakly
+            task.add_done_callback(run.reconnecting.discard)
 
     def timed_out(self, now: int, limit_ns: int) -> bool:
         return self.busy and now - self.started > limit_ns
@@ -615,9 +632,10 @@ async def run_bench(
     try:
         await run.done
     finally:
-        watchdog.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watchdog
+        for task in [watchdog, *run.reconnecting]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for slot in run.slots:
             if slot.transport is not None:
                 slot.transport.close()
@@ -669,7 +687,7 @@ def _result(run: _Run) -> BenchResult:
         reconnects=run.reconnects,
         first_reply=run.first_reply or "none",
         shape=asdict(config.shape),
-        stopped_by=getattr(run, "stopped_by", "duration"),
+        stopped_by=run.stopped_by,
     )
 
 
@@ -680,11 +698,21 @@ class SpawnedRunner:
     """``a6-runner run`` in a child process on a socket of its own, for one bench.
 
     Its output goes to a temporary file, shown if it fails to start. Stopped with SIGTERM
-    (SIGKILL after 5 s) on exit.
+    (SIGKILL after 5 s) on exit. ``env`` replaces the environment; ``cwd`` is where
+    ``python -m runner`` starts, and so which ``runner`` package it imports first (another
+    version of the runner, to compare).
     """
 
-    def __init__(self, runner_args: Sequence[str] = (), socket: str | None = None) -> None:
+    def __init__(
+        self,
+        runner_args: Sequence[str] = (),
+        socket: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self._dir: str | None = None
+        self._env = None if env is None else dict(env)
+        self._cwd = cwd
         if socket is None:
             self._dir = tempfile.mkdtemp(prefix="a6-bench-")
             socket = os.path.join(self._dir, "runner.sock")
@@ -712,7 +740,12 @@ class SpawnedRunner:
     def launch(self) -> None:
         """Start the process; ``start`` also waits until it listens."""
         self.process = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._env,
+            cwd=self._cwd,
         )
 
     async def start(self, timeout: float = 15.0) -> None:  # noqa: ASYNC109
@@ -798,16 +831,18 @@ class _ProgressBar:
         fraction = (now - self.started) / total
         if run.measuring and self.config.requests:
             fraction = max(fraction, run.issued / self.config.requests)
-        calls, then = self.last
-        done = run.completed
-        rate = (done - calls) / (now - then) if now > then else 0.0
-        self.last = (done, now)
+        # The rate counts every reply, warm-up included, so that it never jumps back.
+        replies = run.warmup_calls + run.completed
+        last_replies, then = self.last
+        rate = (replies - last_replies) / (now - then) if now > then else 0.0
+        self.last = (replies, now)
         width = 30
         filled = min(width, int(fraction * width))
         phase = "measuring" if run.measuring else "warming up"
+        shown = run.completed if run.measuring else run.warmup_calls
         errors = sum(run.errors.values())
         self.stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {phase} {done:,} calls"
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {phase} {shown:,} calls"
             f" {rate:,.0f}/s errors {errors:,}   "
         )
         self.stream.flush()
@@ -893,7 +928,13 @@ def _args(values: Sequence[str]) -> list[tuple[str, str | None]]:
 @click.option("--method", default="GET", help="HTTP method of the request.")
 @click.option("--path", default="/bench", help="Request path.")
 @click.option("--headers", "header_count", type=int, default=8, help="Request headers in all.")
-@click.option("--header", "headers", multiple=True, metavar="NAME:VALUE", help="A header.")
+@click.option(
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="NAME:VALUE",
+    help="A request header (repeatable).",
+)
 @click.option(
     "--arg", "args", multiple=True, metavar="NAME[=VALUE]", help="A query arg (repeatable)."
 )
@@ -905,7 +946,8 @@ def _args(values: Sequence[str]) -> list[tuple[str, str | None]]:
     "variables",
     multiple=True,
     metavar="NAME=VALUE",
-    help="An nginx variable for ExtraInfo (added to remote_addr, server_port, ...).",
+    help="An nginx variable answered to ExtraInfo (repeatable; remote_addr, server_addr,"
+    " server_port, scheme and request_time have defaults).",
 )
 @click.option(
     "--verify-every",

@@ -12,7 +12,7 @@ MalformedMessage (the peer's fault) instead of reading outside the buffer.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, TypeAlias
 
 _U16: Final = struct.Struct("<H")
@@ -53,7 +53,9 @@ def table_fields(buf: bytes, pos: int, nslots: int) -> list[int]:
     if vt < 0 or vt + 4 > size:
         raise MalformedMessage(f"vtable offset {vt} is outside the {size}-byte message")
     vt_size, table_size = _HH(buf, vt)
-    if vt_size < 4 or vt + vt_size > size or pos + table_size > size:
+    # A vtable is made of 16-bit entries: an odd size is damage, and the generated
+    # code would read a field whose entry is half outside the vtable.
+    if vt_size < 4 or vt_size & 1 or vt + vt_size > size or pos + table_size > size:
         raise MalformedMessage("vtable or table runs past the end of the message")
     present = (vt_size - 4) >> 1
     if present >= nslots:
@@ -84,7 +86,8 @@ def read_u16(buf: bytes, field_pos: int) -> int:
 def read_u32(buf: bytes, field_pos: int) -> int:
     if not field_pos:
         return 0
-    _check(buf, field_pos, 4)
+    if field_pos + 4 > len(buf):
+        raise MalformedMessage(f"4 bytes at {field_pos} lie outside the {len(buf)}-byte message")
     value: int = _u32(buf, field_pos)[0]
     return value
 
@@ -102,11 +105,16 @@ def read_bytes(buf: bytes, field_pos: int) -> bytes | None:
     """A string or ``[ubyte]`` field; None where the field is absent."""
     if not field_pos:
         return None
-    start = deref(buf, field_pos)
-    _check(buf, start, 4)
+    # deref and _check inlined: a body's ExtraInfo reply is read this way on every call.
+    size = len(buf)
+    if field_pos + 4 > size:
+        raise MalformedMessage(f"4 bytes at {field_pos} lie outside the {size}-byte message")
+    start: int = field_pos + _u32(buf, field_pos)[0]
+    if start + 4 > size:
+        raise MalformedMessage(f"offset at {field_pos} points outside the message")
     length: int = _u32(buf, start)[0]
     end = start + 4 + length
-    if end > len(buf):
+    if end > size:
         raise MalformedMessage(f"vector at {start} of {length} bytes runs past the message end")
     return bytes(buf[start + 4 : end])
 
@@ -151,7 +159,7 @@ def read_text_entries(buf: bytes, field_pos: int) -> list[Entry]:
         if vt < 0 or vt + 4 > size:
             raise MalformedMessage(f"vtable offset {vt} is outside the {size}-byte message")
         vt_size, table_size = _HH(buf, vt)
-        if vt_size < 4 or vt + vt_size > size or pos + table_size > size:
+        if vt_size < 4 or vt_size & 1 or vt + vt_size > size or pos + table_size > size:
             raise MalformedMessage("vtable or table runs past the end of the message")
         if vt_size >= 8:
             name_off, value_off = _HH(buf, vt + 4)
@@ -295,9 +303,9 @@ Child: TypeAlias = tuple[bytes, int]
 
 _STR_PAD: Final = (b"\0\0\0\0", b"\0\0\0", b"\0\0", b"\0")  # NUL terminator + alignment
 BYTES_PAD: Final = (b"", b"\0\0\0", b"\0\0", b"\0")
-_ENTRY_WITH_VALUE: Final = struct.Struct("<HHHHiII")  # vtable (8) + table (12)
-_ENTRY_WITHOUT_VALUE: Final = struct.Struct("<HHHxxiI")  # vtable (6) + pad (2) + table (8)
-_STR_LEN: Final = [4 + n + len(_STR_PAD[n & 3]) for n in range(4)]
+# An entry's vtable and table, then its name's length: (6 or 8) + (2 or 0) + (8 or 12) + 4.
+_ENTRY_WITH_VALUE: Final = struct.Struct("<HHHHiIII")
+_ENTRY_WITHOUT_VALUE: Final = struct.Struct("<HHHxxiII")
 
 
 def str_blob(value: str) -> bytes:
@@ -314,26 +322,67 @@ def bytes_blob(data: bytes) -> bytes:
 def entries_blob(entries: Sequence[Entry]) -> bytes:
     """A ``[TextEntry]`` vector; a None value leaves the value field out."""
     count = len(entries)
+    if count == 1:
+        name, value = entries[0]
+        if value is not None:
+            return _one_entry_blob(name, value)
     parts: list[bytes] = [b""]  # the count and the slots, filled in at the end
     slots: list[int] = []
-    at = 4 * count  # from the first slot to the first table's vtable
+    at = 4 * count  # from the first slot to the next table's vtable
     for i, (name, value) in enumerate(entries):
-        name_blob = str_blob(name)
+        raw_name = name.encode("utf-8", "surrogateescape")
+        name_len = len(raw_name)
+        name_size = 8 + name_len - (name_len & 3)  # length, bytes, NUL and padding
+        slots.append(at + 8 - 4 * i)  # the table lies 8 bytes into the entry
         if value is None:
-            # vtable [6, 8, 4] + pad, then table [soffset 8, name -> right after it]
-            parts.append(_ENTRY_WITHOUT_VALUE.pack(6, 8, 4, 8, 4))
-            parts.append(name_blob)
-            slots.append(at + 8 - 4 * i)
-            at += 16 + len(name_blob)
+            # vtable [6, 8, name at 4] + pad, table [soffset 8, name -> just after it]
+            parts.append(_ENTRY_WITHOUT_VALUE.pack(6, 8, 4, 8, 4, name_len))
+            parts.append(raw_name)
+            parts.append(_STR_PAD[name_len & 3])
+            at += 16 + name_size
         else:
-            value_blob = str_blob(value)
-            parts.append(_ENTRY_WITH_VALUE.pack(8, 12, 4, 8, 8, 8, 4 + len(name_blob)))
-            parts.append(name_blob)
-            parts.append(value_blob)
-            slots.append(at + 8 - 4 * i)
-            at += 20 + len(name_blob) + len(value_blob)
-    parts[0] = struct.pack(f"<I{count}I", count, *slots)
+            # vtable [8, 12, name at 4, value at 8], table [soffset 8, name, value]
+            raw_value = value.encode("utf-8", "surrogateescape")
+            value_len = len(raw_value)
+            parts.append(_ENTRY_WITH_VALUE.pack(8, 12, 4, 8, 8, 8, 4 + name_size, name_len))
+            parts.append(raw_name)
+            parts.append(_STR_PAD[name_len & 3])
+            parts.append(_pack_u32(value_len))
+            parts.append(raw_value)
+            parts.append(_STR_PAD[value_len & 3])
+            at += 20 + name_size + 8 + value_len - (value_len & 3)
+    count_and_slots = _COUNT_AND_SLOTS.get(count)
+    if count_and_slots is None:
+        count_and_slots = struct.Struct(f"<I{count}I").pack
+        if count < 64:
+            _COUNT_AND_SLOTS[count] = count_and_slots
+    parts[0] = count_and_slots(count, *slots)
     return b"".join(parts)
+
+
+def _one_entry_blob(name: str, value: str) -> bytes:
+    # The usual rewrite sets one header: the count, the slot (12: past itself, to the
+    # table behind the vtable), the vtable, the table and the name's length in one pack.
+    raw_name = name.encode("utf-8", "surrogateescape")
+    raw_value = value.encode("utf-8", "surrogateescape")
+    name_len = len(raw_name)
+    value_len = len(raw_value)
+    name_size = 8 + name_len - (name_len & 3)
+    return b"".join(
+        (
+            _ONE_ENTRY.pack(1, 12, 8, 12, 4, 8, 8, 8, 4 + name_size, name_len),
+            raw_name,
+            _STR_PAD[name_len & 3],
+            _pack_u32(value_len),
+            raw_value,
+            _STR_PAD[value_len & 3],
+        )
+    )
+
+
+_ONE_ENTRY: Final = struct.Struct("<II" + _ENTRY_WITH_VALUE.format[1:])
+# entry count -> packer of the count and the slots; up to 63 entries, made once each.
+_COUNT_AND_SLOTS: dict[int, Callable[..., bytes]] = {}
 
 
 def table_blob(fields: Sequence[tuple[int, int | Child]]) -> Child:
@@ -357,10 +406,15 @@ def table_blob(fields: Sequence[tuple[int, int | Child]]) -> Child:
             words.append(child_at + inner - (table_pos + 4 + 4 * i))
             children.append(blob)
             child_at += len(blob)
-    head = struct.pack(
-        f"<HH{nslots}H{pad}xi{count}I", vt_size, 4 + 4 * count, *offsets, table_pos, *words
-    )
+    layout = _TABLE_LAYOUTS.get((nslots, count))
+    if layout is None:
+        layout = _TABLE_LAYOUTS[nslots, count] = struct.Struct(f"<HH{nslots}H{pad}xi{count}I").pack
+    head = layout(vt_size, 4 + 4 * count, *offsets, table_pos, *words)
     return head + b"".join(children) if children else head, table_pos
+
+
+# (vtable slots, fields) -> packer of the vtable and table: a few shapes, made once each.
+_TABLE_LAYOUTS: dict[tuple[int, int], Callable[..., bytes]] = {}
 
 
 def finish(root: Child) -> bytes:

@@ -84,6 +84,18 @@ class FrameDecoder:
         self._pos = 0
         buf += data
 
+    def whole_frame(self, data: bytes) -> tuple[int, bytes] | None:
+        """``data`` as a frame, if nothing is buffered and it is exactly one whole frame
+        within the limit (the usual read on a gateway connection); else None, and
+        nothing is consumed: ``feed`` it instead."""
+        if self._buf or len(data) < HEADER_SIZE:
+            return None
+        header = _HEADER(data, 0)[0]
+        size = header & 0xFFFFFF
+        if len(data) != HEADER_SIZE + size or size > self._max_payload:
+            return None
+        return header >> 24, data[HEADER_SIZE:]
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as a frame."""

@@ -103,8 +103,14 @@ class HTTPReqCall:
     def __init__(self, payload: bytes) -> None:
         try:
             fields = fb.root_fields(payload, 7)
-            self.id = fb.read_u32(payload, fields[0])
-            self.conf_token = fb.read_u32(payload, fields[6])
+            id_pos = fields[0]
+            token_pos = fields[6]
+            size = len(payload)
+            # read_u32 twice, inlined: this runs once per call.
+            if id_pos + 4 > size or token_pos + 4 > size:
+                raise MalformedMessage("the call id or conf token lies outside the message")
+            self.id = _u32(payload, id_pos)[0] if id_pos else 0
+            self.conf_token = _u32(payload, token_pos)[0] if token_pos else 0
         except MalformedMessage:
             raise
         except (ValueError, IndexError, struct.error) as exc:
@@ -180,6 +186,7 @@ _ACTION_REWRITE: Final = 2
 _U32_LIMIT: Final = 1 << 32
 _U16_LIMIT: Final = 1 << 16
 _pack_u32 = struct.Struct("<I").pack
+_u32 = struct.Struct("<I").unpack_from
 
 # Replies are written straight into their final layout, the one ``fb.build`` produces
 # (the tests compare the two byte for byte). Every HTTPReqCall.Resp with an action

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import grp
 import logging
 import os
@@ -34,6 +35,12 @@ log = logging.getLogger("a6.server")
 # Frames a non-conforming client may pipeline behind a call in progress before we stop
 # reading from it (the gateway never pipelines: it waits for each reply).
 _MAX_BACKLOG = 16
+
+
+# Plugins ask for the same few variables on every call: each query is framed once.
+@functools.lru_cache(maxsize=512)
+def _extra_info_query_frame(kind: InfoKind, name: str) -> bytes:
+    return encode_frame(RPC.EXTRA_INFO, encode_extra_info_query(kind, name))
 
 
 class StartupError(Exception):
@@ -70,6 +77,11 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         decoder = self._decoder
+        frame = decoder.whole_frame(data)
+        if frame is not None:
+            if self._transport is not None:
+                self._on_frame(*frame)
+            return
         decoder.feed(data)
         while self._transport is not None:
             try:
@@ -162,7 +174,7 @@ class Connection(asyncio.Protocol):
         """Ask the gateway for a variable or a body, on this connection, and wait."""
         if self._transport is None:
             raise ConnectionResetError("the gateway closed the connection")
-        self._transport.write(encode_frame(RPC.EXTRA_INFO, encode_extra_info_query(kind, name)))
+        self._transport.write(_extra_info_query_frame(kind, name))
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         try:
             payload = await waiter
@@ -283,11 +295,11 @@ def prepare_socket_path(path: Path) -> None:
     try:
         probe.connect(str(path))
     except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)  # stale: left behind by a runner that died
+        _remove_stale(path)
         return
     except OSError as exc:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            path.unlink(missing_ok=True)
+            _remove_stale(path)
             return
         raise StartupError(f"cannot check the socket {path}: {exc}") from exc
     finally:
@@ -295,6 +307,12 @@ def prepare_socket_path(path: Path) -> None:
     raise StartupError(
         f"another process is already listening on {path}; stop it or choose another path"
     )
+
+
+def _remove_stale(path: Path) -> None:
+    # Left behind by a runner that was killed: nobody accepts on it any more.
+    path.unlink(missing_ok=True)
+    log.info("removed the stale socket file %s (no process accepted on it)", path)
 
 
 def make_socket_dir(directory: Path) -> None:
@@ -380,7 +398,16 @@ def raise_open_file_limit(wanted: int) -> int:
     if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        # Not fatal: connections beyond the limit fail to be accepted, others are served.
+        log.warning(
+            "open-file limit is %d (hard limit %s), below the %d that max_connections needs;"
+            " raise the hard limit (ulimit -Hn) or lower max_connections",
+            soft,
+            "unlimited" if hard == resource.RLIM_INFINITY else hard,
+            wanted,
+        )
     return soft
 
 

@@ -313,3 +313,165 @@ def test_frame_decoder_any_split(payloads: list[bytes], cuts: list[int]) -> None
             break
     assert got == [(RPC.HTTP_REQ_CALL, p) for p in payloads]
     assert not decoder.in_frame
+
+
+def test_an_odd_vtable_size_is_malformed() -> None:
+    # vtable [size 5, table 8, field at 4]: the generated code reads the field whose
+    # entry lies half outside the vtable; the runner must not read it as absent.
+    payload = bytes.fromhex(
+        "0c0000000000050008000400060000000400000013000000736f6d65207661726961626c652076616c756500"
+    )
+    with pytest.raises(MalformedMessage):
+        m.decode_extra_info_reply(payload)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode_frame(RPC.HTTP_REQ_CALL, b"abc"),
+        encode_frame(RPC.EXTRA_INFO, b""),
+    ],
+)
+def test_whole_frame_takes_exactly_one_frame(data: bytes) -> None:
+    decoder = FrameDecoder()
+    assert decoder.whole_frame(data) == (data[0], data[4:])
+    assert not decoder.in_frame
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x02\x00\x00",  # a partial header
+        encode_frame(RPC.HTTP_REQ_CALL, b"abc")[:-1],  # a partial frame
+        encode_frame(RPC.HTTP_REQ_CALL, b"abc") * 2,  # two frames
+        encode_frame(RPC.HTTP_REQ_CALL, b"x" * 2000),  # over the decoder's limit
+    ],
+)
+def test_whole_frame_leaves_everything_else_to_feed(data: bytes) -> None:
+    decoder = FrameDecoder(max_payload=1024)
+    assert decoder.whole_frame(data) is None
+    assert decoder.buffered == 0
+
+
+def test_whole_frame_defers_to_buffered_bytes() -> None:
+    decoder = FrameDecoder()
+    frame = encode_frame(RPC.HTTP_REQ_CALL, b"abc")
+    decoder.feed(frame[:2])
+    assert decoder.whole_frame(frame) is None
+
+
+# ------------------------------------------------------------------ the conf cache
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 99)),
+        st.tuples(st.just("get"), st.integers(0, 11)),
+        st.tuples(st.just("refresh"), st.integers(0, 11)),
+        st.tuples(st.just("tick"), st.sampled_from([0.5, 3.0, 9.99, 10.0, 25.0])),
+        st.tuples(st.just("len"), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@SETTINGS
+@given(ops=OPS, maxsize=st.integers(1, 5))
+def test_conf_cache_behaves_like_cachetools_ttlcache(
+    ops: list[tuple[str, float]], maxsize: int
+) -> None:
+    # The runner's own cache replaced cachetools.TTLCache on the hot path; the TTL
+    # (expired at exactly ttl) and least-recently-used eviction must not have changed.
+    from cachetools import TTLCache
+
+    from runner.cache import ConfCache, TokenIssuer
+
+    clock = _Clock()
+    counter = iter(range(1, 10_000))
+    fast: ConfCache[int] = ConfCache(
+        ttl=10.0, maxsize=maxsize, timer=clock, issuer=TokenIssuer(lambda: next(counter))
+    )
+    model: TTLCache[int, int] = TTLCache(maxsize=maxsize, ttl=10.0, timer=clock)
+    tokens: list[int] = []
+    for op, arg in ops:
+        if op == "put":
+            token = fast.put(int(arg))
+            model[token] = int(arg)
+            tokens.append(token)
+        elif op == "tick":
+            clock.now += arg
+        elif op == "len":
+            assert len(fast) == len(model)
+        elif tokens:
+            token = tokens[int(arg) % len(tokens)]
+            if op == "get":
+                assert fast.get(token) == model.get(token)
+            elif fast.get(token) is not None:  # refresh what the gateway still uses
+                model.get(token)
+                fast.refresh(token, -1)
+                model[token] = -1
+    assert len(fast) == len(model)
+    for token in tokens:
+        assert fast.get(token) == model.get(token)
+
+
+# ---------------------------------------------- headers and args, lazy vs. eager
+#
+# Headers.set and Args.set on an untouched request only record the change: the
+# request's entries are decoded (and the changes applied, in order) when a plugin reads
+# them. The same operations on an instance that was read first (decoded at once, the
+# original way) must give the same reads and the same rewrite for the gateway.
+
+NAMES = st.sampled_from(["host", "Host", "x-a", "X-A", "k", "flag"])
+VALUES = st.sampled_from(["", "1", "v", "é"])
+MULTIDICT_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), NAMES, VALUES),
+        st.tuples(st.just("setall"), NAMES, st.lists(VALUES, max_size=2)),
+        st.tuples(st.just("add"), NAMES, VALUES),
+        st.tuples(st.just("delete"), NAMES, st.just("")),
+        st.tuples(st.just("read"), NAMES, st.just("")),
+    ),
+    max_size=12,
+)
+SOURCE = st.lists(st.tuples(NAMES, st.none() | VALUES), max_size=6)
+
+
+def _apply(target: object, ops: list[tuple[str, str, object]]) -> list[object]:
+    reads: list[object] = []
+    for op, name, value in ops:
+        if op == "read":
+            reads.append((target.get(name), target.getall(name), name in target))  # type: ignore[attr-defined]
+        elif op == "setall":
+            if hasattr(target, "setall"):
+                target.setall(name, value)
+        elif op == "add":
+            if hasattr(target, "add"):
+                target.add(name, value)
+        else:
+            getattr(target, op)(name, *([value] if op == "set" else []))
+    return reads
+
+
+@SETTINGS
+@given(source=SOURCE, ops=MULTIDICT_OPS, kind=st.sampled_from(["headers", "args"]))
+def test_lazy_changes_read_and_rewrite_like_eager_ones(
+    source: list[fb.Entry], ops: list[tuple[str, str, object]], kind: str
+) -> None:
+    from runner.plugin import Args, Headers
+
+    make = Headers if kind == "headers" else Args
+    lazy, eager = make(list(source)), make(list(source))
+    eager._mutable()  # decoded before any change: the original, eager path
+    assert _apply(lazy, ops) == _apply(eager, ops)
+    assert lazy.changed == eager.changed
+    assert lazy.rewrite_entries() == eager.rewrite_entries()
+    assert lazy.items() == eager.items()
