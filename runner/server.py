@@ -36,6 +36,9 @@ log = logging.getLogger("a6.server")
 # reading from it (the gateway never pipelines: it waits for each reply).
 _MAX_BACKLOG = 16
 
+# Seconds a frame may take to arrive once its first byte has: the gateway's send timeout.
+FRAME_STALL_TIMEOUT = 60.0
+
 
 # Plugins ask for the same few variables on every call: each query is framed once.
 @functools.lru_cache(maxsize=512)
@@ -57,6 +60,7 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[bytes] | None = None
+        self._stall: asyncio.TimerHandle | None = None
         self._backlog: deque[tuple[int, bytes]] = deque()
         self._close_after_call = False
         self._reading_paused = False
@@ -79,6 +83,8 @@ class Connection(asyncio.Protocol):
         decoder = self._decoder
         frame = decoder.whole_frame(data)
         if frame is not None:
+            if self._stall is not None:
+                self._stop_stall_timer()
             if self._transport is not None:
                 self._on_frame(*frame)
             return
@@ -93,8 +99,30 @@ class Connection(asyncio.Protocol):
                 self._close()
                 return
             if frame is None:
+                if decoder.in_frame and self._stall is None:
+                    self._stall = asyncio.get_running_loop().call_later(
+                        FRAME_STALL_TIMEOUT, self._stalled
+                    )
                 return
+            if self._stall is not None:
+                self._stop_stall_timer()
             self._on_frame(*frame)
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        # The gateway sends a whole frame in one send with a 60 s timeout: a frame still
+        # incomplete after that is never coming, and its buffer would be held forever.
+        self._stall = None
+        log.warning(
+            "closing a connection stuck mid-frame for %g s (%d bytes received)",
+            FRAME_STALL_TIMEOUT,
+            self._decoder.buffered,
+        )
+        self.abort()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -103,6 +131,7 @@ class Connection(asyncio.Protocol):
         if self._transport is None:
             return
         self._transport = None
+        self._stop_stall_timer()
         self._server.connections.discard(self)
         if self._decoder.in_frame or self._task is not None:
             log.info(
@@ -431,7 +460,11 @@ async def serve(config: Config, dispatcher: Dispatcher, ready: asyncio.Event | N
         await stop.wait()
         log.info("shutting down")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await server.stop()
+        # Handlers stay during the grace period: a second SIGTERM must not kill the
+        # process half-way through its cleanup (and leave the socket file behind).
+        try:
+            await server.stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
     log.info("stopped")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import runner.server
 from runner.cache import ConfCache
 from runner.client import RunnerError
 from runner.config import Config
@@ -483,3 +484,27 @@ def test_config_check_refuses_a_network_address() -> None:
     with pytest.raises(ValueError, match="network address"):
         Config(listen="127.0.0.1:9000").check()
     Config(listen="unix:/tmp/x.sock").check()
+
+
+async def test_a_frame_stuck_half_way_is_dropped_after_the_gateways_send_timeout(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner.server, "FRAME_STALL_TIMEOUT", 0.3)
+    config = test_config(sock_dir)
+    frame = encode_frame(RPC.PREPARE_CONF, encode_prepare_conf([conf("say")]))
+    async with serving(config) as server:
+        # A frame completed in pieces within the timeout is served.
+        reader, writer = await asyncio.open_unix_connection(str(config.socket_path))
+        writer.write(frame[:6])
+        await asyncio.sleep(0.2)
+        writer.write(frame[6:])
+        assert (await reader.readexactly(4))[0] == RPC.PREPARE_CONF
+        writer.close()
+        await writer.wait_closed()
+        # One that stops half-way is closed, and its buffer freed.
+        reader, writer = await asyncio.open_unix_connection(str(config.socket_path))
+        writer.write(frame[:10])
+        assert await reader.read() == b""
+        writer.close()
+        await writer.wait_closed()
+        assert not server.connections

@@ -41,3 +41,35 @@ async def test_sigterm_exits_0_even_with_a_blocking_plugin_stuck(sock_dir: Path)
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_second_sigterm_does_not_cut_the_grace_period_short(sock_dir: Path) -> None:
+    sock = sock_dir / "r.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APISIX_", "A6_RUNNER_"))}
+    env["APISIX_LISTEN_ADDRESS"] = f"unix:{sock}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runner", "run", "--plugins-dir", str(FIXTURE_PLUGINS),
+        "--shutdown-grace", "5",
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_for_socket(str(sock))
+        conn = await Connection.open(str(sock))
+        token = await conn.prepare_conf([("test-sleep", json.dumps({"seconds": 0.5}))])
+        call = asyncio.create_task(conn.req_call(token, id=5))
+        await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        reply = await call  # the call in flight still gets its answer
+        assert reply.id == 5
+        async with asyncio.timeout(30):
+            await proc.communicate()
+        assert proc.returncode == 0
+        assert not sock.exists()
+        await conn.aclose()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
