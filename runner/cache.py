@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from cachetools import TTLCache
+
 T = TypeVar("T")
 
 # The gateway keeps a token at most APISIX_CONF_EXPIRE_TIME seconds (its LRU cache TTL;
@@ -43,11 +45,12 @@ class TokenIssuer:
 
 
 class ConfCache(Generic[T]):
-    """Prepared confs by token. Expired or evicted tokens read as missing.
+    """Prepared confs by token, in a ``cachetools.TTLCache``: a token lives ``ttl``
+    seconds from when it was stored (or refreshed) and, beyond ``maxsize`` tokens, the
+    least recently used goes first. Expired or evicted tokens read as missing.
 
-    A token lives ``ttl`` seconds from when it was stored (or refreshed); beyond
-    ``maxsize`` tokens, the least recently used one goes first. Looked up once per call,
-    so ``get`` is two dict operations and a clock read.
+    (A pair of plain dicts with the same behaviour measured 0.16 us per lookup against
+    TTLCache's 0.98 us; the project's design names cachetools, so it stays.)
     """
 
     def __init__(
@@ -57,67 +60,27 @@ class ConfCache(Generic[T]):
         timer: Callable[[], float] = time.monotonic,
         issuer: TokenIssuer | None = None,
     ) -> None:
-        # token -> (expiry time, conf), least recently used first.
-        self._items: dict[int, tuple[float, T]] = {}
-        # The same tokens, soonest to expire first: every token lives the same ttl, so
-        # the order they were stored in is the order they expire in.
-        self._expiry: dict[int, None] = {}
-        self._timer = timer
+        self._items: TTLCache[int, T] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
         self._issuer = issuer or TokenIssuer()
         self.ttl = ttl
         self.maxsize = maxsize
 
     def put(self, conf: T) -> int:
         """Store a conf under a new token and return the token."""
-        token = self._issuer.issue(self._in_use)
-        self._store(token, conf)
+        token = self._issuer.issue(self._items.__contains__)
+        self._items[token] = conf
         return token
 
     def refresh(self, token: int, conf: T) -> None:
         """Store again under an existing token, restarting its lifetime."""
-        self._store(token, conf)
+        self._items[token] = conf
 
     def get(self, token: int) -> T | None:
-        items = self._items
-        entry = items.get(token)
-        if entry is None or self._timer() >= entry[0]:
-            return None
-        del items[token]  # now the most recently used
-        items[token] = entry
-        return entry[1]
+        return self._items.get(token)
 
     def clear(self) -> None:
         self._items.clear()
-        self._expiry.clear()
 
     def __len__(self) -> int:
-        self._expire(self._timer())
+        self._items.expire()
         return len(self._items)
-
-    def _in_use(self, token: int) -> bool:
-        entry = self._items.get(token)
-        return entry is not None and self._timer() < entry[0]
-
-    def _store(self, token: int, conf: T) -> None:
-        now = self._timer()
-        items = self._items
-        expiry = self._expiry
-        if items.pop(token, None) is not None:
-            del expiry[token]
-        self._expire(now)
-        while len(items) >= self.maxsize:
-            oldest = next(iter(items))
-            del items[oldest]
-            del expiry[oldest]
-        items[token] = (now + self.ttl, conf)
-        expiry[token] = None
-
-    def _expire(self, now: float) -> None:
-        items = self._items
-        expiry = self._expiry
-        while expiry:
-            token = next(iter(expiry))
-            if now < items[token][0]:
-                return
-            del expiry[token]
-            del items[token]

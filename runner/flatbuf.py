@@ -44,6 +44,30 @@ _NO_OFFSETS: Final = [(0,) * n for n in range(32)]
 _HH: Final = struct.Struct("<HH").unpack_from
 
 
+def root_offsets(buf: bytes, nslots: int) -> tuple[int, tuple[int, ...]]:
+    """The root table's position and its fields' offsets in it (0 where absent): what
+    ``root_fields`` checks, without building the positions of fields never read."""
+    size = len(buf)
+    if size < 4:
+        raise MalformedMessage(f"message of {size} bytes is too short for a FlatBuffer")
+    pos: int = _u32(buf, 0)[0]
+    if pos + 4 > size:
+        raise MalformedMessage(f"table offset {pos} is outside the {size}-byte message")
+    vt = pos - _i32(buf, pos)[0]
+    if vt < 0 or vt + 4 > size:
+        raise MalformedMessage(f"vtable offset {vt} is outside the {size}-byte message")
+    vt_size, table_size = _HH(buf, vt)
+    if vt_size < 4 or vt_size & 1 or vt + vt_size > size or pos + table_size > size:
+        raise MalformedMessage("vtable or table runs past the end of the message")
+    present = (vt_size - 4) >> 1
+    offsets = _OFFSETS[min(present, nslots)](buf, vt + 4)
+    if offsets and max(offsets) >= table_size:
+        raise MalformedMessage(f"a field offset lies outside its {table_size}-byte table")
+    if present < nslots:
+        offsets += _NO_OFFSETS[nslots - present]
+    return pos, offsets
+
+
 def table_fields(buf: bytes, pos: int, nslots: int) -> list[int]:
     """Absolute positions of the fields of the table at ``pos`` (0 where absent)."""
     size = len(buf)

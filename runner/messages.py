@@ -98,45 +98,50 @@ def encode_error(code: ErrCode) -> bytes:
 class HTTPReqCall:
     """``A6.HTTPReqCall.Req``, decoded lazily: fields are read when first used."""
 
-    __slots__ = ("_args", "_buf", "_fields", "_headers", "conf_token", "id")
+    __slots__ = ("_args", "_buf", "_headers", "_offsets", "_pos", "conf_token", "id")
 
     def __init__(self, payload: bytes) -> None:
         try:
-            fields = fb.root_fields(payload, 7)
-            id_pos = fields[0]
-            token_pos = fields[6]
+            pos, offsets = fb.root_offsets(payload, 7)
+            id_off = offsets[0]
+            token_off = offsets[6]
             size = len(payload)
             # read_u32 twice, inlined: this runs once per call.
-            if id_pos + 4 > size or token_pos + 4 > size:
+            if pos + id_off + 4 > size or pos + token_off + 4 > size:
                 raise MalformedMessage("the call id or conf token lies outside the message")
-            self.id = _u32(payload, id_pos)[0] if id_pos else 0
-            self.conf_token = _u32(payload, token_pos)[0] if token_pos else 0
+            self.id = _u32(payload, pos + id_off)[0] if id_off else 0
+            self.conf_token = _u32(payload, pos + token_off)[0] if token_off else 0
         except MalformedMessage:
             raise
         except (ValueError, IndexError, struct.error) as exc:
             raise _guard("HTTPReqCall request", exc) from exc
         self._buf = payload
-        self._fields = fields
+        self._pos = pos
+        self._offsets = offsets
         self._args: list[Entry] | None = None
         self._headers: list[Entry] | None = None
 
+    def _field(self, slot: int) -> int:
+        offset = self._offsets[slot]
+        return self._pos + offset if offset else 0
+
     @property
     def method(self) -> str:
-        code = fb.read_u8(self._buf, self._fields[2])
+        code = fb.read_u8(self._buf, self._field(2))
         return METHOD_NAMES[code] if code < len(METHOD_NAMES) else f"METHOD_{code}"
 
     @property
     def src_ip(self) -> bytes:
         """The client address: 4 bytes (IPv4), 16 bytes (IPv6), or empty if not sent."""
         try:
-            return fb.read_bytes(self._buf, self._fields[1]) or b""
+            return fb.read_bytes(self._buf, self._field(1)) or b""
         except (ValueError, IndexError, struct.error) as exc:
             raise _guard("HTTPReqCall src_ip", exc) from exc
 
     @property
     def path(self) -> str:
         try:
-            return fb.read_str(self._buf, self._fields[3]) or ""
+            return fb.read_str(self._buf, self._field(3)) or ""
         except (ValueError, IndexError, struct.error) as exc:
             raise _guard("HTTPReqCall path", exc) from exc
 
@@ -145,7 +150,7 @@ class HTTPReqCall:
         """Query args in arrival order; ``?flag`` has value None, ``?flag=`` has ``""``."""
         if self._args is None:
             try:
-                self._args = fb.read_text_entries(self._buf, self._fields[4])
+                self._args = fb.read_text_entries(self._buf, self._field(4))
             except (ValueError, IndexError, struct.error) as exc:
                 raise _guard("HTTPReqCall args", exc) from exc
         return self._args
@@ -155,7 +160,7 @@ class HTTPReqCall:
         """Request headers in arrival order, one entry per value."""
         if self._headers is None:
             try:
-                self._headers = fb.read_text_entries(self._buf, self._fields[5])
+                self._headers = fb.read_text_entries(self._buf, self._field(5))
             except (ValueError, IndexError, struct.error) as exc:
                 raise _guard("HTTPReqCall headers", exc) from exc
         return self._headers
@@ -332,8 +337,8 @@ def encode_extra_info_query(kind: InfoKind, name: str = "") -> bytes:
 def decode_extra_info_reply(payload: bytes) -> bytes | None:
     """``A6.ExtraInfo.Resp``: None means "no such value", ``b""`` means "empty"."""
     try:
-        (result_pos,) = fb.root_fields(payload, 1)
-        return fb.read_bytes(payload, result_pos)
+        pos, (result,) = fb.root_offsets(payload, 1)
+        return fb.read_bytes(payload, pos + result if result else 0)
     except MalformedMessage:
         raise
     except (ValueError, IndexError, struct.error) as exc:

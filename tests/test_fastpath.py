@@ -360,69 +360,6 @@ def test_whole_frame_defers_to_buffered_bytes() -> None:
     assert decoder.whole_frame(frame) is None
 
 
-# ------------------------------------------------------------------ the conf cache
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-OPS = st.lists(
-    st.one_of(
-        st.tuples(st.just("put"), st.integers(0, 99)),
-        st.tuples(st.just("get"), st.integers(0, 11)),
-        st.tuples(st.just("refresh"), st.integers(0, 11)),
-        st.tuples(st.just("tick"), st.sampled_from([0.5, 3.0, 9.99, 10.0, 25.0])),
-        st.tuples(st.just("len"), st.just(0)),
-    ),
-    max_size=60,
-)
-
-
-@SETTINGS
-@given(ops=OPS, maxsize=st.integers(1, 5))
-def test_conf_cache_behaves_like_cachetools_ttlcache(
-    ops: list[tuple[str, float]], maxsize: int
-) -> None:
-    # The runner's own cache replaced cachetools.TTLCache on the hot path; the TTL
-    # (expired at exactly ttl) and least-recently-used eviction must not have changed.
-    from cachetools import TTLCache
-
-    from runner.cache import ConfCache, TokenIssuer
-
-    clock = _Clock()
-    counter = iter(range(1, 10_000))
-    fast: ConfCache[int] = ConfCache(
-        ttl=10.0, maxsize=maxsize, timer=clock, issuer=TokenIssuer(lambda: next(counter))
-    )
-    model: TTLCache[int, int] = TTLCache(maxsize=maxsize, ttl=10.0, timer=clock)
-    tokens: list[int] = []
-    for op, arg in ops:
-        if op == "put":
-            token = fast.put(int(arg))
-            model[token] = int(arg)
-            tokens.append(token)
-        elif op == "tick":
-            clock.now += arg
-        elif op == "len":
-            assert len(fast) == len(model)
-        elif tokens:
-            token = tokens[int(arg) % len(tokens)]
-            if op == "get":
-                assert fast.get(token) == model.get(token)
-            elif fast.get(token) is not None:  # refresh what the gateway still uses
-                model.get(token)
-                fast.refresh(token, -1)
-                model[token] = -1
-    assert len(fast) == len(model)
-    for token in tokens:
-        assert fast.get(token) == model.get(token)
-
-
 # ---------------------------------------------- headers and args, lazy vs. eager
 #
 # Headers.set and Args.set on an untouched request only record the change: the
