@@ -25,20 +25,12 @@ import uvloop
 
 from runner import refcodec
 from runner.app import build_dispatcher, load_registry
+from runner.bench import FILLER_HEADERS
 from runner.config import Config
 from runner.frame import RPC, encode_frame
 from runner.server import Connection, RunnerServer
 
-HEADERS = [
-    ("host", "bench.example.com"),
-    ("user-agent", "a6-runner-bench"),
-    ("accept", "*/*"),
-    ("accept-encoding", "gzip, deflate"),
-    ("content-type", "application/json"),
-    ("x-request-id", "5f0c6f9e-8a1b-4c1e-9d1a-2b7e0f3c4d5e"),
-    ("x-forwarded-for", "10.0.0.1"),
-    ("authorization", "Bearer 0123456789abcdef"),
-]
+HEADERS = list(FILLER_HEADERS)  # the same request shape as `a6-runner bench`
 REWRITE = {
     "path": "/v2/bench",
     "set_headers": {"x-gateway": "apisix"},

@@ -72,7 +72,7 @@ _DEFAULT_VARS: Final[Mapping[str, str]] = {
     "scheme": "http",
     "request_time": "0.000",
 }
-_FILLER_HEADERS: Final = (
+FILLER_HEADERS: Final = (
     ("host", "bench.example.com"),
     ("user-agent", "a6-runner-bench"),
     ("accept", "*/*"),
@@ -105,7 +105,7 @@ class RequestShape:
 
     def all_headers(self) -> list[tuple[str, str]]:
         out = list(self.headers)
-        fillers = iter(_FILLER_HEADERS)
+        fillers = iter(FILLER_HEADERS)
         n = 0
         while len(out) < self.header_count:
             name, value = next(fillers, (f"x-bench-{n}", f"value-{n}"))

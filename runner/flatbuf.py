@@ -47,29 +47,15 @@ _HH: Final = struct.Struct("<HH").unpack_from
 def root_offsets(buf: bytes, nslots: int) -> tuple[int, tuple[int, ...]]:
     """The root table's position and its fields' offsets in it (0 where absent): what
     ``root_fields`` checks, without building the positions of fields never read."""
-    size = len(buf)
-    if size < 4:
-        raise MalformedMessage(f"message of {size} bytes is too short for a FlatBuffer")
+    if len(buf) < 4:
+        raise MalformedMessage(f"message of {len(buf)} bytes is too short for a FlatBuffer")
     pos: int = _u32(buf, 0)[0]
-    if pos + 4 > size:
-        raise MalformedMessage(f"table offset {pos} is outside the {size}-byte message")
-    vt = pos - _i32(buf, pos)[0]
-    if vt < 0 or vt + 4 > size:
-        raise MalformedMessage(f"vtable offset {vt} is outside the {size}-byte message")
-    vt_size, table_size = _HH(buf, vt)
-    if vt_size < 4 or vt_size & 1 or vt + vt_size > size or pos + table_size > size:
-        raise MalformedMessage("vtable or table runs past the end of the message")
-    present = (vt_size - 4) >> 1
-    offsets = _OFFSETS[min(present, nslots)](buf, vt + 4)
-    if offsets and max(offsets) >= table_size:
-        raise MalformedMessage(f"a field offset lies outside its {table_size}-byte table")
-    if present < nslots:
-        offsets += _NO_OFFSETS[nslots - present]
-    return pos, offsets
+    return pos, table_offsets(buf, pos, nslots)
 
 
-def table_fields(buf: bytes, pos: int, nslots: int) -> list[int]:
-    """Absolute positions of the fields of the table at ``pos`` (0 where absent)."""
+def table_offsets(buf: bytes, pos: int, nslots: int) -> tuple[int, ...]:
+    """The offsets of fields ``0..nslots-1`` inside the table at ``pos`` (0 where absent),
+    every one checked to lie inside the table and the message."""
     size = len(buf)
     if pos + 4 > size:
         raise MalformedMessage(f"table offset {pos} is outside the {size}-byte message")
@@ -82,17 +68,17 @@ def table_fields(buf: bytes, pos: int, nslots: int) -> list[int]:
     if vt_size < 4 or vt_size & 1 or vt + vt_size > size or pos + table_size > size:
         raise MalformedMessage("vtable or table runs past the end of the message")
     present = (vt_size - 4) >> 1
-    if present >= nslots:
-        offsets = _OFFSETS[nslots](buf, vt + 4)
-    else:
-        offsets = _OFFSETS[present](buf, vt + 4)
-        if offsets and max(offsets) >= table_size:
-            raise MalformedMessage(f"a field offset lies outside its {table_size}-byte table")
-        offsets += _NO_OFFSETS[nslots - present]
-        return [pos + o if o else 0 for o in offsets]
+    offsets: tuple[int, ...] = _OFFSETS[min(present, nslots)](buf, vt + 4)
     if offsets and max(offsets) >= table_size:
         raise MalformedMessage(f"a field offset lies outside its {table_size}-byte table")
-    return [pos + o if o else 0 for o in offsets]
+    if present < nslots:
+        offsets += _NO_OFFSETS[nslots - present]
+    return offsets
+
+
+def table_fields(buf: bytes, pos: int, nslots: int) -> list[int]:
+    """Absolute positions of the fields of the table at ``pos`` (0 where absent)."""
+    return [pos + o if o else 0 for o in table_offsets(buf, pos, nslots)]
 
 
 def read_u8(buf: bytes, field_pos: int) -> int:
