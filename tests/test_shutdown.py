@@ -13,15 +13,20 @@ from runner.client import Connection, wait_for_socket
 from tests.conftest import FIXTURE_PLUGINS
 
 
-async def test_sigterm_exits_0_even_with_a_blocking_plugin_stuck(sock_dir: Path) -> None:
-    sock = sock_dir / "r.sock"
+async def start_runner(sock: Path, *options: str) -> asyncio.subprocess.Process:
+    """``python -m runner run`` as the gateway starts it, on ``sock``, stderr captured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APISIX_", "A6_RUNNER_"))}
     env["APISIX_LISTEN_ADDRESS"] = f"unix:{sock}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runner", "run", "--plugins-dir", str(FIXTURE_PLUGINS),
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runner", "run", "--plugins-dir", str(FIXTURE_PLUGINS), *options,
         env=env,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+
+
+async def test_sigterm_exits_0_even_with_a_blocking_plugin_stuck(sock_dir: Path) -> None:
+    sock = sock_dir / "r.sock"
+    proc = await start_runner(sock)
     try:
         await wait_for_socket(str(sock))
         conn = await Connection.open(str(sock))
@@ -45,14 +50,7 @@ async def test_sigterm_exits_0_even_with_a_blocking_plugin_stuck(sock_dir: Path)
 
 async def test_a_second_sigterm_does_not_cut_the_grace_period_short(sock_dir: Path) -> None:
     sock = sock_dir / "r.sock"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("APISIX_", "A6_RUNNER_"))}
-    env["APISIX_LISTEN_ADDRESS"] = f"unix:{sock}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runner", "run", "--plugins-dir", str(FIXTURE_PLUGINS),
-        "--shutdown-grace", "5",
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await start_runner(sock, "--shutdown-grace", "5")
     try:
         await wait_for_socket(str(sock))
         conn = await Connection.open(str(sock))
