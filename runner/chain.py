@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +55,8 @@ class Chain:
     # True when every hook is plain and non-blocking: the call is served without a task.
     request_inline: bool
     response_inline: bool
+    # Per request plugin: its on_request is ``async def`` (awaited right on the loop).
+    request_async: tuple[bool, ...]
 
     @classmethod
     def build(
@@ -70,6 +71,7 @@ class Chain:
             response_plugins=resp,
             request_inline=all(p.runs_inline("on_request") for p in req),
             response_inline=all(p.runs_inline("on_response") for p in resp),
+            request_async=tuple(inspect.iscoroutinefunction(p.on_request) for p in req),
         )
 
 
@@ -100,9 +102,9 @@ def run_response_inline(chain: Chain, response: Response) -> None:
 
 
 async def run_request(chain: Chain, request: Request, executor: Executor | None) -> None:
-    for plugin in chain.request_plugins:
+    for plugin, is_async in zip(chain.request_plugins, chain.request_async, strict=True):
         try:
-            if _is_async(type(plugin).on_request):  # the usual async plugin, inlined
+            if is_async:  # the usual async plugin, awaited without _run_hook's dispatch
                 result = await plugin.on_request(request)  # type: ignore[misc]
                 if result is not None:
                     raise _returned(plugin, "on_request", result)
@@ -124,17 +126,6 @@ async def run_response(chain: Chain, response: Response, executor: Executor | No
             raise
         except Exception as exc:
             raise PluginFailed(plugin.name, "on_response") from exc
-
-
-def _is_async(hook: Callable[..., Any]) -> bool:
-    # Asked on every call of an async chain; inspect takes longer than the hook may.
-    try:
-        return _is_async_cached(hook)
-    except TypeError:  # a hook that is an unhashable callable object
-        return inspect.iscoroutinefunction(hook)
-
-
-_is_async_cached = functools.lru_cache(maxsize=1024)(inspect.iscoroutinefunction)
 
 
 async def _run_hook(
