@@ -235,43 +235,8 @@ def test_table_blob_is_the_generic_table(fields: list[tuple[int, int | str | byt
 # --------------------------------------------------------------- request decoding
 
 
-def _reference_entries(entries: Sequence[fb.Entry]) -> list[fb.Entry]:
-    return list(entries)
-
-
-@SETTINGS
-@given(
-    call_id=U32,
-    token=U32,
-    method=st.sampled_from(m.METHOD_NAMES),
-    path=TEXT,
-    args=ENTRIES,
-    headers=PAIRS,
-    src_ip=st.sampled_from([b"", b"\x7f\0\0\1", bytes(range(16))]),
-)
-def test_req_call_decoding(
-    call_id: int,
-    token: int,
-    method: str,
-    path: str,
-    args: list[fb.Entry],
-    headers: list[tuple[str, str]],
-    src_ip: bytes,
-) -> None:
-    payload = ref.encode_req_call(
-        conf_token=token,
-        id=call_id,
-        method=method,
-        path=path,
-        args=args,
-        headers=headers,
-        src_ip=src_ip,
-    )
-    call = m.HTTPReqCall(payload)
-    assert (call.id, call.conf_token, call.method, call.path) == (call_id, token, method, path)
-    assert call.args == _reference_entries(args)
-    assert call.headers == _reference_entries(headers)
-    assert call.src_ip == src_ip
+# tests/test_messages.py::test_req_call holds the decoded fields to what was encoded;
+# here, damaged entries must fail cleanly.
 
 
 @SETTINGS
