@@ -76,7 +76,11 @@ class ConfCache(Generic[T]):
         self._items[token] = conf
 
     def get(self, token: int) -> T | None:
-        return self._items.get(token)
+        # Indexing, not TTLCache.get: that checks the TTL twice (in and [] each do).
+        try:
+            return self._items[token]
+        except KeyError:
+            return None
 
     def clear(self) -> None:
         self._items.clear()

@@ -39,7 +39,6 @@ from runner.messages import (
     decode_prepare_conf,
     encode_error,
     encode_prepare_conf_reply,
-    encode_req_call_reply,
     encode_resp_call_reply,
 )
 from runner.plugin import InfoSource, Plugin, Request, Response
@@ -156,7 +155,7 @@ class Dispatcher:
         if chain.request_inline:
             try:
                 run_request_inline(chain, request)
-                reply = encode_req_call_reply(call.id, request.action())
+                reply = request.encode_reply()
             except Exception as exc:
                 return self.error_frame(exc, call.id)
             return self._frame(RPC.HTTP_REQ_CALL, reply, call.id)
@@ -166,7 +165,7 @@ class Dispatcher:
         task = self._deadlines.start(self.call_timeout)
         try:
             await run_request(chain, request, self.executor)
-            reply = encode_req_call_reply(request.id, request.action())
+            reply = request.encode_reply()
         except asyncio.CancelledError:
             if not self._deadlines.expired(task):
                 raise

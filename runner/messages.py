@@ -31,9 +31,11 @@ __all__ = [
     "decode_prepare_conf",
     "encode_error",
     "encode_extra_info_query",
+    "encode_pass_through_reply",
     "encode_prepare_conf_reply",
     "encode_req_call_reply",
     "encode_resp_call_reply",
+    "encode_rewrite_reply",
 ]
 
 
@@ -238,18 +240,53 @@ def _encode_stop(call_id: int, stop: Stop) -> bytes:
 
 
 def _encode_rewrite(call_id: int, rw: Rewrite) -> bytes:
+    return encode_rewrite_reply(call_id, rw.path, rw.headers, rw.args, rw.resp_headers, rw.body)
+
+
+def encode_pass_through_reply(call_id: int) -> bytes:
+    """``encode_req_call_reply(call_id, None)``, for an id known to fit a uint32."""
+    return _PASS_THROUGH_HEAD + _pack_u32(call_id)
+
+
+def encode_rewrite_reply(
+    call_id: int,
+    path: str | None,
+    headers: Sequence[Entry],
+    args: Sequence[Entry],
+    resp_headers: Sequence[tuple[str, str]],
+    body: bytes | None,
+) -> bytes:
+    """``encode_req_call_reply`` of a Rewrite made of these parts, without making one.
+
+    For an id known to fit a uint32 (the request's own). The usual rewrite changes
+    request headers only: its Resp and Rewrite tables are one constant layout.
+    """
+    if headers and path is None and not args and not resp_headers and body is None:
+        return b"".join(
+            (
+                _RESP_HEAD.pack(16, 10, 16, 4, 8, 12, 12, call_id, _ACTION_REWRITE, 12),
+                _REWRITE_HEADERS_ONLY,
+                fb.entries_blob(headers),
+            )
+        )
     fields: list[tuple[int, int | fb.Child]] = []
-    if rw.path is not None:
-        fields.append((0, (fb.str_blob(rw.path), 0)))
-    if rw.headers:
-        fields.append((1, (fb.entries_blob(rw.headers), 0)))
-    if rw.args:
-        fields.append((2, (fb.entries_blob(rw.args), 0)))
-    if rw.resp_headers:
-        fields.append((3, (fb.entries_blob(rw.resp_headers), 0)))
-    if rw.body is not None:
-        fields.append((4, (fb.bytes_blob(rw.body), 0)))
+    if path is not None:
+        fields.append((0, (fb.str_blob(path), 0)))
+    if headers:
+        fields.append((1, (fb.entries_blob(headers), 0)))
+    if args:
+        fields.append((2, (fb.entries_blob(args), 0)))
+    if resp_headers:
+        fields.append((3, (fb.entries_blob(resp_headers), 0)))
+    if body is not None:
+        fields.append((4, (fb.bytes_blob(body), 0)))
     return _resp_with_action(call_id, _ACTION_REWRITE, fb.table_blob(fields))
+
+
+# A Rewrite table whose only field is the headers vector, as table_blob lays it out:
+# vtable [8 bytes, table 8 bytes, path absent, headers at 4], table [soffset 8, uoffset
+# 4 to the vector right after it].
+_REWRITE_HEADERS_ONLY: Final = struct.pack("<HHHHiI", 8, 8, 0, 4, 8, 4)
 
 
 def _resp_with_action(call_id: int, kind: int, action: fb.Child) -> bytes:

@@ -30,7 +30,15 @@ from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, get_args, ge
 
 from runner.configschema import ConfigError, load_config
 from runner.errors import PluginConfigError
-from runner.messages import Entry, InfoKind, Rewrite, Stop
+from runner.messages import (
+    Entry,
+    InfoKind,
+    Rewrite,
+    Stop,
+    encode_pass_through_reply,
+    encode_req_call_reply,
+    encode_rewrite_reply,
+)
 
 __all__ = [
     "Args",
@@ -518,6 +526,35 @@ class Request(_Call):
             key = name.lower()
             self._resp_headers = [e for e in self._resp_headers if e[0].lower() != key]
         self._resp_headers.append((name, value))
+
+    def encode_reply(self) -> bytes:
+        """The HTTPReqCall reply payload for :meth:`action`, encoded without making it
+        (the runner's hot path; the tests hold the two to the same bytes)."""
+        stop = self._stop
+        if stop is not None:
+            return encode_req_call_reply(self.id, stop)
+        headers = self._headers
+        args = self._args
+        changed_headers = (
+            headers.rewrite_entries() if headers is not None and headers._changed else ()
+        )
+        changed_args = args.rewrite_entries() if args is not None and args._changed else ()
+        if (
+            changed_headers
+            or changed_args
+            or self._path is not None
+            or self._resp_headers
+            or self._new_body is not None
+        ):
+            return encode_rewrite_reply(
+                self.id,
+                self._path,
+                changed_headers,
+                changed_args,
+                self._resp_headers,
+                self._new_body,
+            )
+        return encode_pass_through_reply(self.id)
 
     def action(self) -> Stop | Rewrite | None:
         """What to send back: the Stop, the accumulated Rewrite, or None if unchanged."""

@@ -377,3 +377,54 @@ def test_lazy_changes_read_and_rewrite_like_eager_ones(
     assert lazy.changed == eager.changed
     assert lazy.rewrite_entries() == eager.rewrite_entries()
     assert lazy.items() == eager.items()
+
+
+@SETTINGS
+@given(call_id=U32, headers=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=8))
+def test_a_headers_only_rewrite(call_id: int, headers: list[tuple[str, str]]) -> None:
+    # The usual rewrite, encoded from one constant layout.
+    rw = m.Rewrite(headers=headers)
+    assert m.encode_req_call_reply(call_id, rw) == generic_req_call_reply(call_id, rw)
+
+
+REQUEST_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("headers"), MULTIDICT_OPS),
+        st.tuples(st.just("args"), MULTIDICT_OPS),
+        st.tuples(st.just("path"), st.sampled_from(["/", "/v2", "/é"])),
+        st.tuples(st.just("resp_header"), st.tuples(NAMES, VALUES)),
+        st.tuples(st.just("body"), st.sampled_from([b"x", b"body"])),
+        st.tuples(st.just("stop"), st.sampled_from([200, 403])),
+    ),
+    max_size=6,
+)
+
+
+@SETTINGS
+@given(call_id=U32, source=SOURCE, args=SOURCE, ops=REQUEST_OPS)
+def test_request_encode_reply_is_its_action_encoded(
+    call_id: int, source: list[fb.Entry], args: list[fb.Entry], ops: list[tuple[str, object]]
+) -> None:
+    # The dispatcher sends Request.encode_reply(); testing.py and plugin authors see
+    # Request.action(): the two must always mean the same bytes.
+    from runner.plugin import Request
+
+    payload = ref.encode_req_call(
+        conf_token=1,
+        id=call_id,
+        headers=[(n, v or "") for n, v in source],
+        args=args,
+    )
+    request = Request(m.HTTPReqCall(payload), None)  # type: ignore[arg-type]
+    for op, value in ops:
+        if op in ("headers", "args"):
+            _apply(getattr(request, op), value)  # type: ignore[arg-type]
+        elif op == "path":
+            request.set_path(value)  # type: ignore[arg-type]
+        elif op == "resp_header":
+            request.set_response_header(*value)  # type: ignore[misc]
+        elif op == "body":
+            request.set_body(value)  # type: ignore[arg-type]
+        else:
+            request.stop(value)  # type: ignore[arg-type]
+    assert request.encode_reply() == m.encode_req_call_reply(call_id, request.action())
