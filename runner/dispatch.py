@@ -230,13 +230,18 @@ class CallDeadlines:
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the last start
 
     def start(self, seconds: float) -> asyncio.Task[Any]:
         """Watch the current task: cancel it if it still runs ``seconds`` from now."""
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("a call deadline needs a task")
-        loop = task.get_loop()
+        # With the loop given, current_task() skips get_running_loop(), which makes a
+        # getpid() system call on every use (Python 3.11).
+        loop = self._loop
+        if loop is None or (task := asyncio.current_task(loop)) is None:
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            if task is None:
+                raise RuntimeError("a call deadline needs a task")
         deadline = loop.time() + seconds
         self._running[task] = deadline
         if self._timer is None or self._timer_loop is not loop:

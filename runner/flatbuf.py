@@ -76,6 +76,30 @@ def table_offsets(buf: bytes, pos: int, nslots: int) -> tuple[int, ...]:
     return offsets
 
 
+def root_bytes(buf: bytes) -> bytes | None:
+    """The root table's field 0 read as a string or ``[ubyte]`` (None where absent):
+    ``read_bytes`` after ``root_offsets(buf, 1)``, with the same checks, in one call.
+    Every ExtraInfo answer is read this way."""
+    size = len(buf)
+    if size < 4:
+        raise MalformedMessage(f"message of {size} bytes is too short for a FlatBuffer")
+    pos: int = _u32(buf, 0)[0]
+    if pos + 4 > size:
+        raise MalformedMessage(f"table offset {pos} is outside the {size}-byte message")
+    vt = pos - _i32(buf, pos)[0]
+    if vt < 0 or vt + 4 > size:
+        raise MalformedMessage(f"vtable offset {vt} is outside the {size}-byte message")
+    vt_size, table_size = _HH(buf, vt)
+    if vt_size < 4 or vt_size & 1 or vt + vt_size > size or pos + table_size > size:
+        raise MalformedMessage("vtable or table runs past the end of the message")
+    if vt_size == 4:
+        return None  # a vtable without entries
+    offset: int = _u16(buf, vt + 4)[0]
+    if offset >= table_size:
+        raise MalformedMessage(f"a field offset lies outside its {table_size}-byte table")
+    return read_bytes(buf, pos + offset) if offset else None
+
+
 def table_fields(buf: bytes, pos: int, nslots: int) -> list[int]:
     """Absolute positions of the fields of the table at ``pos`` (0 where absent)."""
     return [pos + o if o else 0 for o in table_offsets(buf, pos, nslots)]

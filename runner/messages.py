@@ -374,8 +374,7 @@ def encode_extra_info_query(kind: InfoKind, name: str = "") -> bytes:
 def decode_extra_info_reply(payload: bytes) -> bytes | None:
     """``A6.ExtraInfo.Resp``: None means "no such value", ``b""`` means "empty"."""
     try:
-        pos, (result,) = fb.root_offsets(payload, 1)
-        return fb.read_bytes(payload, pos + result if result else 0)
+        return fb.root_bytes(payload)
     except MalformedMessage:
         raise
     except (ValueError, IndexError, struct.error) as exc:

@@ -119,13 +119,13 @@ def _as_bytes(data: bytes | str) -> bytes:
 class _MultiDict:
     """Ordered multi-valued entries with change tracking; the base of headers and args."""
 
-    __slots__ = ("_changed", "_entries", "_fold", "_pending", "_source")
+    __slots__ = ("_changed", "_entries", "_pending", "_source")
+    _fold: ClassVar[bool]  # names are case-insensitive (compared lower-cased)
 
-    def __init__(self, source: Iterable[Entry] | None, fold_case: bool) -> None:
+    def __init__(self, source: Iterable[Entry] | None = None) -> None:
         self._source = source  # shared with the decoded message until the first change
         self._entries: list[Entry] | None = None
         self._changed: dict[str, str] = {}  # key -> the name as the plugin spelled it
-        self._fold = fold_case
         # Replacements made before anything was read: key -> (name, values). Setting a
         # header should not cost decoding all of them; the source is decoded and the
         # replacements applied (in order) only when a plugin reads the entries.
@@ -229,16 +229,26 @@ class Headers(_MultiDict):
     """
 
     __slots__ = ()
-
-    def __init__(self, source: Iterable[Entry] | None = None) -> None:
-        super().__init__(source, fold_case=True)
+    _fold = True
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return super().get(name, default)
 
     def set(self, name: str, value: str) -> None:
         """Give header ``name`` exactly this value."""
-        self._replace(_check_text("header name", name), [_check_text("header value", value)])
+        _check_text("header name", name)
+        _check_text("header value", value)
+        if self._entries is None:  # _replace, unrolled for the usual case
+            key = name.lower()
+            pending = self._pending
+            if pending is None:
+                self._pending = {key: (name, [value])}
+            else:
+                pending.pop(key, None)  # a replaced name moves to the end
+                pending[key] = (name, [value])
+            self._changed[key] = name
+        else:
+            self._replace(name, [value])
 
     def delete(self, name: str) -> None:
         """Remove every value of header ``name`` (nothing is sent if it was absent)."""
@@ -278,9 +288,7 @@ class Args(_MultiDict):
     """
 
     __slots__ = ()
-
-    def __init__(self, source: Iterable[Entry] | None = None) -> None:
-        super().__init__(source, fold_case=False)
+    _fold = False
 
     def set(self, name: str, value: str) -> None:
         """Give argument ``name`` exactly this one value."""
@@ -410,7 +418,10 @@ class Request(_Call):
     )
 
     def __init__(self, raw: RawRequest, source: InfoSource) -> None:
-        super().__init__(source)
+        self._source = source  # _Call's fields, set here: one call less per request
+        self._vars: dict[str, bytes | None] = {}
+        self._body: dict[InfoKind, bytes | None] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._raw = raw
         self.id: int = raw.id
         self._path: str | None = None

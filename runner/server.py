@@ -58,6 +58,7 @@ class Connection(asyncio.Protocol):
         self._dispatcher = server.dispatcher
         self._decoder = FrameDecoder(server.config.max_frame_size)
         self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()  # made by the server, in its loop
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[bytes] | None = None
         self._stall: asyncio.TimerHandle | None = None
@@ -176,7 +177,7 @@ class Connection(asyncio.Protocol):
         if type(reply) is bytes:
             self._write(reply)
         else:
-            self._task = asyncio.get_running_loop().create_task(self._finish(reply))  # type: ignore[arg-type]
+            self._task = self._loop.create_task(self._finish(reply))  # type: ignore[arg-type]
 
     async def _finish(self, reply: Coroutine[Any, Any, bytes]) -> None:
         try:
@@ -204,7 +205,9 @@ class Connection(asyncio.Protocol):
         if self._transport is None:
             raise ConnectionResetError("the gateway closed the connection")
         self._transport.write(_extra_info_query_frame(kind, name))
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        # The loop's own create_future: asyncio.get_running_loop() makes a getpid()
+        # system call on every use (Python 3.11).
+        waiter = self._waiter = self._loop.create_future()
         try:
             payload = await waiter
         finally:

@@ -428,3 +428,35 @@ def test_request_encode_reply_is_its_action_encoded(
         else:
             request.stop(value)  # type: ignore[arg-type]
     assert request.encode_reply() == m.encode_req_call_reply(call_id, request.action())
+
+
+def _generic_root_bytes(buf: bytes) -> bytes | None:
+    pos, (result,) = fb.root_offsets(buf, 1)
+    return fb.read_bytes(buf, pos + result if result else 0)
+
+
+@SETTINGS
+@given(
+    value=st.none() | st.binary(max_size=40),
+    cuts=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=4),
+    truncate=st.none() | st.integers(0, 80),
+)
+def test_root_bytes_reads_and_refuses_like_the_general_readers(
+    value: bytes | None, cuts: list[tuple[int, int]], truncate: int | None
+) -> None:
+    # ExtraInfo answers, intact and damaged: the one-call reader must agree with
+    # root_offsets + read_bytes on every value and on every refusal.
+    buf = bytearray(ref.encode_extra_info_reply(value))
+    for at, byte in cuts:
+        if at < len(buf):
+            buf[at] = byte
+    data = bytes(buf[:truncate] if truncate is not None else buf)
+    try:
+        expected: object = _generic_root_bytes(data)
+    except MalformedMessage:
+        expected = MalformedMessage
+    try:
+        got: object = fb.root_bytes(data)
+    except MalformedMessage:
+        got = MalformedMessage
+    assert got == expected
