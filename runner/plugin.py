@@ -77,7 +77,7 @@ _FRAMING_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding"})
 class InfoSource(Protocol):
     """Where a call's extra information comes from: the gateway, or a test's fake."""
 
-    async def ask(self, kind: InfoKind, name: str = "") -> bytes | None: ...
+    def ask(self, kind: InfoKind, name: str = "") -> Awaitable[bytes | None]: ...
 
 
 class RawRequest(Protocol):

@@ -28,7 +28,12 @@ from runner.config import Config
 from runner.dispatch import Dispatcher
 from runner.errors import BadRequest, ProtocolViolation
 from runner.frame import RPC, FrameDecoder, FrameTooLarge, encode_frame
-from runner.messages import InfoKind, decode_extra_info_reply, encode_extra_info_query
+from runner.messages import (
+    InfoKind,
+    MalformedMessage,
+    decode_extra_info_reply,
+    encode_extra_info_query,
+)
 
 log = logging.getLogger("a6.server")
 
@@ -60,7 +65,9 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()  # made by the server, in its loop
         self._task: asyncio.Task[None] | None = None
-        self._waiter: asyncio.Future[bytes] | None = None
+        # Our ExtraInfo queries still unanswered, oldest first: the gateway answers them
+        # in order (a plugin may ask several at once, with asyncio.gather).
+        self._waiters: deque[asyncio.Future[bytes | None]] = deque()
         self._stall: asyncio.TimerHandle | None = None
         self._backlog: deque[tuple[int, bytes]] = deque()
         self._close_after_call = False
@@ -139,8 +146,10 @@ class Connection(asyncio.Protocol):
                 "a gateway connection closed in the middle of a %s",
                 "call" if self._task is not None else "frame",
             )
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(ConnectionResetError("the gateway closed the connection"))
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("the gateway closed the connection"))
+        self._waiters.clear()
         if self._task is not None:
             self._task.cancel()
         self._server.connection_done()
@@ -157,21 +166,30 @@ class Connection(asyncio.Protocol):
     # -------------------------------------------------------------------- frames
 
     def _on_frame(self, rpc_type: int, payload: bytes) -> None:
+        waiters = self._waiters
+        if waiters:
+            if rpc_type == RPC.EXTRA_INFO:
+                waiter = waiters.popleft()
+                if not waiter.done():  # else it was cancelled: its answer is dropped
+                    try:
+                        waiter.set_result(decode_extra_info_reply(payload))
+                    except MalformedMessage as exc:
+                        waiter.set_exception(exc)
+                return
+            if self._task is not None:
+                self._close_after_call = True
+                violation = ProtocolViolation(
+                    f"expected an ExtraInfo reply, got a frame of RPC type {rpc_type}"
+                )
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(violation)
+                waiters.clear()
+                return
+            waiters.clear()  # queries of a call that is over: not answered after all
         if self._task is not None:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                if rpc_type == RPC.EXTRA_INFO:
-                    waiter.set_result(payload)
-                else:
-                    self._close_after_call = True
-                    waiter.set_exception(
-                        ProtocolViolation(
-                            f"expected an ExtraInfo reply, got a frame of RPC type {rpc_type}"
-                        )
-                    )
-            else:
-                self._backlog.append((rpc_type, payload))
-                self._update_reading()
+            self._backlog.append((rpc_type, payload))
+            self._update_reading()
             return
         reply = self._dispatcher.handle(rpc_type, payload, self)
         if type(reply) is bytes:
@@ -200,19 +218,18 @@ class Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.write(frame)
 
-    async def ask(self, kind: InfoKind, name: str = "") -> bytes | None:
-        """Ask the gateway for a variable or a body, on this connection, and wait."""
-        if self._transport is None:
-            raise ConnectionResetError("the gateway closed the connection")
-        self._transport.write(_extra_info_query_frame(kind, name))
+    def ask(self, kind: InfoKind, name: str = "") -> asyncio.Future[bytes | None]:
+        """Ask the gateway for a variable or a body, on this connection: the future of
+        its answer (None: no such value)."""
         # The loop's own create_future: asyncio.get_running_loop() makes a getpid()
         # system call on every use (Python 3.11).
-        waiter = self._waiter = self._loop.create_future()
-        try:
-            payload = await waiter
-        finally:
-            self._waiter = None
-        return decode_extra_info_reply(payload)
+        waiter: asyncio.Future[bytes | None] = self._loop.create_future()
+        if self._transport is None:
+            waiter.set_exception(ConnectionResetError("the gateway closed the connection"))
+            return waiter
+        self._transport.write(_extra_info_query_frame(kind, name))
+        self._waiters.append(waiter)
+        return waiter
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -21,7 +21,9 @@ from runner.refcodec import (
     RewriteAction,
     StopAction,
     decode_error,
+    decode_extra_info_query,
     decode_req_call_reply,
+    encode_extra_info_reply,
     encode_prepare_conf,
     encode_req_call,
 )
@@ -156,6 +158,44 @@ async def test_extra_info_tells_missing_from_empty_and_asks_once(sock_dir: Path)
         ("var", "nope"),
         ("req_body", None),
     ]
+
+
+async def test_variables_asked_all_at_once_get_their_own_answers(sock_dir: Path) -> None:
+    # asyncio.gather sends every query before the first answer; the gateway answers
+    # them in order, and each must reach the var() that asked it.
+    config = test_config(sock_dir)
+    names = ["a", "b", "nope", "c"]
+    async with serving(config), await connect(config) as conn:
+        token = await conn.prepare_conf([conf("test-gather-vars", names=names)])
+        for call_id in range(3):
+            reply = await conn.req_call(
+                token, id=call_id, vars={"a": b"1", "b": b"", "c": str(call_id).encode()}
+            )
+            assert isinstance(reply.action, StopAction)
+            assert reply.action.body == f"a='1'\nb=''\nnope=None\nc='{call_id}'".encode()
+
+
+async def test_the_answer_to_a_query_given_up_on_goes_to_no_other(sock_dir: Path) -> None:
+    # The plugin stops waiting for "slow"; its late answer must be dropped, not taken
+    # as the answer to the plugin's next query.
+    config = test_config(sock_dir)
+    async with serving(config), await connect(config) as conn:
+        token = await conn.prepare_conf([conf("test-give-up-on-var")])
+        await conn.send_frame(RPC.HTTP_REQ_CALL, encode_req_call(conf_token=token, id=4))
+        kind, payload = await conn.read_frame()
+        assert (kind, decode_extra_info_query(payload).name) == (RPC.EXTRA_INFO, "slow")
+        kind, payload = await conn.read_frame()  # sent once the plugin gave up
+        assert (kind, decode_extra_info_query(payload).name) == (RPC.EXTRA_INFO, "fast")
+        # Answered in order, as the gateway does.
+        await conn.send_frame(RPC.EXTRA_INFO, encode_extra_info_reply(b"late"))
+        await conn.send_frame(RPC.EXTRA_INFO, encode_extra_info_reply(b"quick"))
+        kind, payload = await conn.read_frame()
+        assert kind == RPC.HTTP_REQ_CALL
+        reply = decode_req_call_reply(payload)
+        assert reply.id == 4
+        assert reply.action == StopAction(200, [], b"fast='quick'")
+        # Nothing is left over to spoil the next call.
+        assert isinstance((await conn.req_call(token, vars={"fast": b"x"})).action, StopAction)
 
 
 @pytest.mark.parametrize("size", [0, 1, 219_000, 5 * 1024 * 1024])
