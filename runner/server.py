@@ -208,9 +208,10 @@ class Connection(asyncio.Protocol):
         if self._close_after_call:
             self._close()
             return
-        while self._backlog and self._task is None and self._transport is not None:
-            self._on_frame(*self._backlog.popleft())
-        self._update_reading()
+        if self._backlog:
+            while self._backlog and self._task is None and self._transport is not None:
+                self._on_frame(*self._backlog.popleft())
+            self._update_reading()
         if self._server.closing and self._task is None:
             self._close()
 
