@@ -61,6 +61,9 @@ class ConfCache(Generic[T]):
         issuer: TokenIssuer | None = None,
     ) -> None:
         self._items: TTLCache[int, T] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        # The conf of a token; KeyError if it is unknown, expired or evicted. The
+        # TTLCache's own lookup, for the hot path: get() is one call more per request.
+        self.lookup: Callable[[int], T] = self._items.__getitem__
         self._issuer = issuer or TokenIssuer()
         self.ttl = ttl
         self.maxsize = maxsize

@@ -55,8 +55,9 @@ class Chain:
     # True when every hook is plain and non-blocking: the call is served without a task.
     request_inline: bool
     response_inline: bool
-    # Per request plugin: its on_request is ``async def`` (awaited right on the loop).
-    request_async: tuple[bool, ...]
+    # Each request plugin, and whether its on_request is ``async def`` (awaited right
+    # on the loop): decided once here, not per call.
+    request_steps: tuple[tuple[Plugin[Any], bool], ...]
 
     @classmethod
     def build(
@@ -71,7 +72,7 @@ class Chain:
             response_plugins=resp,
             request_inline=all(p.runs_inline("on_request") for p in req),
             response_inline=all(p.runs_inline("on_response") for p in resp),
-            request_async=tuple(inspect.iscoroutinefunction(p.on_request) for p in req),
+            request_steps=tuple((p, inspect.iscoroutinefunction(p.on_request)) for p in req),
         )
 
 
@@ -102,7 +103,7 @@ def run_response_inline(chain: Chain, response: Response) -> None:
 
 
 async def run_request(chain: Chain, request: Request, executor: Executor | None) -> None:
-    for plugin, is_async in zip(chain.request_plugins, chain.request_async, strict=True):
+    for plugin, is_async in chain.request_steps:
         try:
             if is_async:  # the usual async plugin, awaited without _run_hook's dispatch
                 result = await plugin.on_request(request)  # type: ignore[misc]
@@ -114,7 +115,7 @@ async def run_request(chain: Chain, request: Request, executor: Executor | None)
             raise
         except Exception as exc:
             raise PluginFailed(plugin.name, "on_request") from exc
-        if request.stopped:
+        if request._stop is not None:  # request.stopped, without a property call
             return
 
 

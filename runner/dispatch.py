@@ -148,9 +148,10 @@ class Dispatcher:
 
     def _req_call(self, payload: bytes, source: InfoSource) -> Reply:
         call = HTTPReqCall(payload)
-        chain = self.cache.get(call.conf_token)
-        if chain is None:
-            raise ConfTokenNotFound(call.conf_token)
+        try:
+            chain = self.cache.lookup(call.conf_token)
+        except KeyError:
+            raise ConfTokenNotFound(call.conf_token) from None
         request = Request(call, source)
         if chain.request_inline:
             try:
@@ -180,9 +181,10 @@ class Dispatcher:
 
     def _resp_call(self, payload: bytes, source: InfoSource) -> Reply:
         call = HTTPRespCall(payload)
-        chain = self.cache.get(call.conf_token)
-        if chain is None:
-            raise ConfTokenNotFound(call.conf_token)
+        try:
+            chain = self.cache.lookup(call.conf_token)
+        except KeyError:
+            raise ConfTokenNotFound(call.conf_token) from None
         response = Response(call.id, call.status, call.headers, source)
         if chain.response_inline:
             try:

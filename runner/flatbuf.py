@@ -359,7 +359,23 @@ def entries_blob(entries: Sequence[Entry]) -> bytes:
     if count == 1:
         name, value = entries[0]
         if value is not None:
-            return _one_entry_blob(name, value)
+            # The usual rewrite sets one header: the count, the slot (12: past itself, to the
+            # table behind the vtable), the vtable, the table and the name's length in one pack.
+            raw_name = name.encode("utf-8", "surrogateescape")
+            raw_value = value.encode("utf-8", "surrogateescape")
+            name_len = len(raw_name)
+            value_len = len(raw_value)
+            name_size = 8 + name_len - (name_len & 3)
+            return b"".join(
+                (
+                    _ONE_ENTRY.pack(1, 12, 8, 12, 4, 8, 8, 8, 4 + name_size, name_len),
+                    raw_name,
+                    _STR_PAD[name_len & 3],
+                    _pack_u32(value_len),
+                    raw_value,
+                    _STR_PAD[value_len & 3],
+                )
+            )
     parts: list[bytes] = [b""]  # the count and the slots, filled in at the end
     slots: list[int] = []
     at = 4 * count  # from the first slot to the next table's vtable
@@ -392,26 +408,6 @@ def entries_blob(entries: Sequence[Entry]) -> bytes:
             _COUNT_AND_SLOTS[count] = count_and_slots
     parts[0] = count_and_slots(count, *slots)
     return b"".join(parts)
-
-
-def _one_entry_blob(name: str, value: str) -> bytes:
-    # The usual rewrite sets one header: the count, the slot (12: past itself, to the
-    # table behind the vtable), the vtable, the table and the name's length in one pack.
-    raw_name = name.encode("utf-8", "surrogateescape")
-    raw_value = value.encode("utf-8", "surrogateescape")
-    name_len = len(raw_name)
-    value_len = len(raw_value)
-    name_size = 8 + name_len - (name_len & 3)
-    return b"".join(
-        (
-            _ONE_ENTRY.pack(1, 12, 8, 12, 4, 8, 8, 8, 4 + name_size, name_len),
-            raw_name,
-            _STR_PAD[name_len & 3],
-            _pack_u32(value_len),
-            raw_value,
-            _STR_PAD[value_len & 3],
-        )
-    )
 
 
 _ONE_ENTRY: Final = struct.Struct("<II" + _ENTRY_WITH_VALUE.format[1:])
