@@ -67,7 +67,7 @@ class Dispatcher:
         self.call_timeout = call_timeout
         self.max_frame_size = max_frame_size
         self.executor = executor
-        self._deadlines = CallDeadlines()
+        self.expired_calls = ExpiredCalls()
         self._by_key: dict[str, int] = {}
         self._handlers: dict[int, Handler] = {
             RPC.PREPARE_CONF: self._prepare_conf,
@@ -163,18 +163,15 @@ class Dispatcher:
         return self._req_call_async(chain, request)
 
     async def _req_call_async(self, chain: Chain, request: Request) -> bytes:
-        task = self._deadlines.start(self.call_timeout)
         try:
             await run_request(chain, request, self.executor)
             reply = request.encode_reply()
         except asyncio.CancelledError:
-            if not self._deadlines.expired(task):
+            if not self.expired_calls.claim(asyncio.current_task()):
                 raise
             return self.error_frame(self._call_timeout(), request.id)
         except Exception as exc:
             return self.error_frame(exc, request.id)
-        finally:
-            self._deadlines.stop(task)
         return self._frame(RPC.HTTP_REQ_CALL, reply, request.id)
 
     # ----------------------------------------------------------------- HTTPRespCall
@@ -196,18 +193,15 @@ class Dispatcher:
         return self._resp_call_async(chain, response)
 
     async def _resp_call_async(self, chain: Chain, response: Response) -> bytes:
-        task = self._deadlines.start(self.call_timeout)
         try:
             await run_response(chain, response, self.executor)
             reply = encode_resp_call_reply(response.id, *response.reply())
         except asyncio.CancelledError:
-            if not self._deadlines.expired(task):
+            if not self.expired_calls.claim(asyncio.current_task()):
                 raise
             return self.error_frame(self._call_timeout(), response.id)
         except Exception as exc:
             return self.error_frame(exc, response.id)
-        finally:
-            self._deadlines.stop(task)
         return self._frame(RPC.HTTP_RESP_CALL, reply, response.id)
 
     def _call_timeout(self) -> CallTimeout:
@@ -216,74 +210,35 @@ class Dispatcher:
         )
 
 
-class CallDeadlines:
-    """The deadlines of the calls running as tasks, all watched by one timer.
+class ExpiredCalls:
+    """The tasks cancelled because their call ran past its deadline.
 
-    ``asyncio.timeout`` costs a timer per call, and on uvloop starting and stopping a
-    timer costs more than the rest of a short call. Calls end long before their
-    deadline, so one timer, set for the earliest deadline known when it is set, wakes
-    rarely: it cancels the calls that are past their deadline and sets itself again for
-    the earliest remaining one. A cancelled call learns from ``expired`` that the
-    cancellation was its deadline (and not its connection going away).
+    The server watches the deadlines (it knows which connection runs which call); the
+    dispatcher turns such a cancellation into a timeout error for the gateway, and
+    lets every other cancellation (the connection going away) through.
     """
 
     def __init__(self) -> None:
-        self._running: dict[asyncio.Task[Any], float] = {}
-        self._expired: set[asyncio.Task[Any]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the last start
+        self._tasks: set[asyncio.Task[Any]] = set()
 
-    def start(self, seconds: float) -> asyncio.Task[Any]:
-        """Watch the current task: cancel it if it still runs ``seconds`` from now."""
-        # With the loop given, current_task() skips get_running_loop(), which makes a
-        # getpid() system call on every use (Python 3.11).
-        loop = self._loop
-        if loop is None or (task := asyncio.current_task(loop)) is None:
-            loop = self._loop = asyncio.get_running_loop()
-            task = asyncio.current_task(loop)
-            if task is None:
-                raise RuntimeError("a call deadline needs a task")
-        deadline = loop.time() + seconds
-        self._running[task] = deadline
-        if self._timer is None or self._timer_loop is not loop:
-            self._arm(loop, deadline)
-        return task
+    def expire(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` for its deadline."""
+        if not task.done():
+            self._tasks.add(task)
+            task.cancel()
 
-    def stop(self, task: asyncio.Task[Any]) -> None:
-        self._running.pop(task, None)
-        self._expired.discard(task)
-
-    def expired(self, task: asyncio.Task[Any]) -> bool:
+    def claim(self, task: asyncio.Task[Any] | None) -> bool:
         """True if ``task`` was cancelled for its deadline; its cancellation is then
         withdrawn (the call ends normally, with a timeout error for the gateway)."""
-        if task not in self._expired:
+        if task is None or task not in self._tasks:
             return False
-        self._expired.discard(task)
+        self._tasks.discard(task)
         task.uncancel()
         return True
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = loop.call_at(when, self._check, loop)
-        self._timer_loop = loop
-
-    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        now = loop.time()
-        earliest: float | None = None
-        for task, deadline in list(self._running.items()):
-            if task.done() or task.get_loop() is not loop:
-                del self._running[task]  # left behind by a loop that is gone
-            elif deadline <= now:
-                del self._running[task]
-                self._expired.add(task)
-                task.cancel()
-            elif earliest is None or deadline < earliest:
-                earliest = deadline
-        if earliest is not None:
-            self._arm(loop, earliest)
+    def forget_done(self) -> None:
+        """Drop the tasks that ended without claiming (a plugin swallowed the cancel)."""
+        self._tasks = {task for task in self._tasks if not task.done()}
 
 
 def _unexpected(rpc_type: int) -> str:

@@ -65,6 +65,7 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()  # made by the server, in its loop
         self._task: asyncio.Task[None] | None = None
+        self._call_started = 0.0  # loop time at which the running call started
         # Our ExtraInfo queries still unanswered, oldest first: the gateway answers them
         # in order (a plugin may ask several at once, with asyncio.gather).
         self._waiters: deque[asyncio.Future[bytes | None]] = deque()
@@ -196,6 +197,12 @@ class Connection(asyncio.Protocol):
             self._write(reply)
         else:
             self._task = self._loop.create_task(self._finish(reply))  # type: ignore[arg-type]
+            # The call's deadline: the server looks for calls past theirs when the first
+            # one it knows of is due (registering every call costs more than the check).
+            started = self._call_started = self._loop.time()
+            server = self._server
+            if server.deadline_check is None:
+                server.check_deadlines_at(started + self._dispatcher.call_timeout)
 
     async def _finish(self, reply: Coroutine[Any, Any, bytes]) -> None:
         try:
@@ -238,6 +245,19 @@ class Connection(asyncio.Protocol):
     def busy(self) -> bool:
         return self._task is not None
 
+    def expire_if_due(self, now: float) -> float | None:
+        """Cancel the call running here if it is past its deadline; else the time it
+        is due (None if no call is running)."""
+        task = self._task
+        if task is None:
+            return None
+        dispatcher = self._dispatcher
+        due = self._call_started + dispatcher.call_timeout
+        if due > now:
+            return due
+        dispatcher.expired_calls.expire(task)
+        return None
+
     def _update_reading(self) -> None:
         if self._transport is None:
             return
@@ -274,6 +294,7 @@ class RunnerServer:
         self._all_closed = asyncio.Event()
         self._refused = 0
         self._socket_id: tuple[int, int] | None = None
+        self.deadline_check: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         path = self.config.socket_path
@@ -310,8 +331,27 @@ class RunnerServer:
                     await self._all_closed.wait()
         for conn in list(self.connections):
             conn.abort()
+        if self.deadline_check is not None:
+            self.deadline_check.cancel()
+            self.deadline_check = None
         if self._server is not None:
             await self._server.wait_closed()
+
+    def check_deadlines_at(self, when: float) -> None:
+        self.deadline_check = asyncio.get_running_loop().call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        """Cancel the calls past their deadline; come back when the next one is due."""
+        self.deadline_check = None
+        self.dispatcher.expired_calls.forget_done()
+        now = asyncio.get_running_loop().time()
+        next_due: float | None = None
+        for conn in self.connections:
+            due = conn.expire_if_due(now)
+            if due is not None and (next_due is None or due < next_due):
+                next_due = due
+        if next_due is not None:
+            self.check_deadlines_at(next_due)
 
     def connection_done(self) -> None:
         if self.closing and not self.connections:

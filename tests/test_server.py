@@ -361,6 +361,38 @@ async def test_a_hanging_plugin_fails_its_call_at_the_deadline_and_others_go_on(
         assert (await hung.req_call(say)).action is not None
 
 
+async def test_every_hanging_call_meets_its_own_deadline(sock_dir: Path) -> None:
+    # Calls started one after another on several connections: each fails at its own
+    # deadline, in the order they started, and a call that keeps hanging after its
+    # connection's first one timed out meets a deadline of its own.
+    config = test_config(sock_dir, call_timeout=0.3)
+    async with serving(config), await connect(config) as setup:
+        hang = await setup.prepare_conf([conf("test-hang")])
+        conns = [await connect(config) for _ in range(3)]
+        try:
+            ended: list[int] = []
+
+            async def hang_on(i: int) -> None:
+                with pytest.raises(RunnerError) as info:
+                    await conns[i].req_call(hang, id=i)
+                assert info.value.code == ErrCode.SERVICE_UNAVAILABLE
+                ended.append(i)
+
+            calls = []
+            for i in range(3):
+                calls.append(asyncio.create_task(hang_on(i)))
+                await asyncio.sleep(0.1)
+            await asyncio.gather(*calls)
+            assert ended == [0, 1, 2]
+            # Again on the same connections, now that the first round is over.
+            ended.clear()
+            await asyncio.gather(*(hang_on(i) for i in range(3)))
+            assert sorted(ended) == [0, 1, 2]
+        finally:
+            for c in conns:
+                await c.aclose()
+
+
 async def test_a_reply_over_16_mib_becomes_an_error_frame(sock_dir: Path) -> None:
     config = test_config(sock_dir)
     async with serving(config), await connect(config) as conn:
