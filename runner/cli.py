@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
 from runner import __version__
 from runner.bench import bench
-from runner.cli_options import builtin_plugins_option, plugin_dirs, plugins_dir_option
-from runner.config import DEFAULT_SOCKET, Config, read_config_file
+from runner.cli_options import (
+    builtin_plugins_option,
+    config_file_option,
+    plugin_dirs,
+    plugins_dir_option,
+)
+from runner.config import DEFAULT_SOCKET, Config
 from runner.frame import MAX_PAYLOAD
 from runner.logs import setup_logging
 from runner.scaffold import new_plugin_command, plugins_command
-
-
-def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-    """An eager option: the file's settings become the defaults of the other options."""
-    if value is None:
-        return
-    try:
-        settings = read_config_file(Path(value))
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(str(exc)) from None
-    defaults = dict(ctx.default_map or {})
-    for key, setting in settings.items():
-        if key == "plugin_dirs":
-            key = "plugins_dir"
-        elif key == "builtin_plugins":
-            key = "builtin_plugins"
-        defaults[key] = setting
-    ctx.default_map = defaults
 
 
 def _mode(value: Any) -> int:
@@ -50,17 +36,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False),
-    envvar="A6_RUNNER_CONFIG",
-    is_eager=True,
-    expose_value=False,
-    callback=_load_config_file,
-    help="TOML file whose [runner] table sets defaults for these options "
-    "(see conf/a6-runner.toml).",
-)
+@config_file_option
 @click.option(
     "--listen",
     envvar="APISIX_LISTEN_ADDRESS",

@@ -10,13 +10,19 @@ from pathlib import Path
 
 import click
 
-from runner.cli_options import builtin_plugins_option, plugin_dirs, plugins_dir_option
+from runner.cli_options import (
+    builtin_plugins_option,
+    config_file_option,
+    plugin_dirs,
+    plugins_dir_option,
+)
 from runner.config import Config
 
 PLUGIN_NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 
 
 @click.command("plugins")
+@config_file_option
 @plugins_dir_option
 @builtin_plugins_option
 def plugins_command(plugins_dir: tuple[str, ...], builtin_plugins: bool) -> None:

@@ -47,6 +47,20 @@ def test_plugins_lists_each_plugin_with_its_hooks_summary_and_config(tmp_path: P
     assert lines[1:] == ["    Does good things.", "    config: {limit: int, label: str = 'x'}"]
 
 
+def test_plugins_reads_the_same_config_file_as_run(tmp_path: Path) -> None:
+    # What `run --config F` would load is what `plugins --config F` lists.
+    plugins = tmp_path / "my-plugins"
+    plugins.mkdir()
+    (plugins / "good.py").write_text(GOOD)
+    conf_file = tmp_path / "a6-runner.toml"
+    conf_file.write_text(
+        f'[runner]\nplugin_dirs = ["{plugins}"]\nbuiltin_plugins = false\ncall_timeout = 5\n'
+    )
+    result = invoke("plugins", "--config", str(conf_file))
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.output.splitlines() if line[:1] != " "] == ["good"]
+
+
 def test_plugins_includes_the_bundled_examples_by_default() -> None:
     result = invoke("plugins")
     assert result.exit_code == 0
