@@ -198,6 +198,28 @@ async def test_the_answer_to_a_query_given_up_on_goes_to_no_other(sock_dir: Path
         assert isinstance((await conn.req_call(token, vars={"fast": b"x"})).action, StopAction)
 
 
+async def test_a_late_answer_after_the_deadline_does_not_spoil_the_next_call(
+    sock_dir: Path,
+) -> None:
+    # The call times out while its query is unanswered; the gateway answers late (it
+    # always answers a query before reading the reply). That answer must be dropped:
+    # an error frame for it would be read as the reply to the gateway's next call.
+    config = test_config(sock_dir, call_timeout=0.3)
+    async with serving(config), await connect(config) as conn:
+        probe = await conn.prepare_conf([conf("test-cancel-probe")])
+        say = await conn.prepare_conf([conf("say", body="next")])
+        await conn.send_frame(RPC.HTTP_REQ_CALL, encode_req_call(conf_token=probe, id=8))
+        kind, payload = await conn.read_frame()
+        assert (kind, decode_extra_info_query(payload).name) == (RPC.EXTRA_INFO, "remote_addr")
+        kind, payload = await conn.read_frame()  # the deadline passed
+        assert kind == RPC.ERROR
+        assert decode_error(payload) == ErrCode.SERVICE_UNAVAILABLE
+        await conn.send_frame(RPC.EXTRA_INFO, encode_extra_info_reply(b"10.0.0.1"))
+        reply = await conn.req_call(say, id=9)
+        assert reply.id == 9
+        assert reply.action == StopAction(200, [], b"next")
+
+
 @pytest.mark.parametrize("size", [0, 1, 219_000, 5 * 1024 * 1024])
 async def test_request_bodies_of_several_mib_travel_both_ways(sock_dir: Path, size: int) -> None:
     body = os.urandom(size)
