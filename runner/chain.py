@@ -115,7 +115,7 @@ async def run_request(chain: Chain, request: Request, executor: Executor | None)
             raise
         except Exception as exc:
             raise PluginFailed(plugin.name, "on_request") from exc
-        if request._stop is not None:  # request.stopped, without a property call
+        if request.stopped:
             return
 
 

@@ -194,14 +194,16 @@ class _MultiDict:
         """All ``(name, value)`` entries, repeated names included, in order."""
         return list(self._items())
 
-    def _replace(self, name: str, values: Iterable[str | None]) -> None:
-        key = self._key(name)
+    def _replace(self, name: str, values: list[str | None]) -> None:
+        """Give ``name`` these values (the list is kept: pass a fresh one)."""
+        key = name.lower() if self._fold else name  # _key, inlined: once per change
         if self._entries is None:
             pending = self._pending
             if pending is None:
-                pending = self._pending = {}
-            pending.pop(key, None)  # a replaced name moves to the end, as below
-            pending[key] = (name, list(values))
+                self._pending = {key: (name, values)}
+            else:
+                pending.pop(key, None)  # a replaced name moves to the end, as below
+                pending[key] = (name, values)
         else:
             entries = [e for e in self._entries if self._key(e[0]) != key]
             entries.extend((name, v) for v in values)
@@ -236,19 +238,7 @@ class Headers(_MultiDict):
 
     def set(self, name: str, value: str) -> None:
         """Give header ``name`` exactly this value."""
-        _check_text("header name", name)
-        _check_text("header value", value)
-        if self._entries is None:  # _replace, unrolled for the usual case
-            key = name.lower()
-            pending = self._pending
-            if pending is None:
-                self._pending = {key: (name, [value])}
-            else:
-                pending.pop(key, None)  # a replaced name moves to the end
-                pending[key] = (name, [value])
-            self._changed[key] = name
-        else:
-            self._replace(name, [value])
+        self._replace(_check_text("header name", name), [_check_text("header value", value)])
 
     def delete(self, name: str) -> None:
         """Remove every value of header ``name`` (nothing is sent if it was absent)."""
@@ -297,7 +287,7 @@ class Args(_MultiDict):
 
     def setall(self, name: str, values: Iterable[str]) -> None:
         """Give argument ``name`` these values, in order (none deletes it)."""
-        checked = [_check_text("arg value", v) for v in values]
+        checked: list[str | None] = [_check_text("arg value", v) for v in values]
         self._replace(_check_text("arg name", name), checked)
 
     def add(self, name: str, value: str) -> None:
@@ -419,10 +409,7 @@ class Request(_Call):
     )
 
     def __init__(self, raw: RawRequest, source: InfoSource) -> None:
-        self._source = source  # _Call's fields, set here: one call less per request
-        self._vars: dict[str, bytes | None] = {}
-        self._body: dict[InfoKind, bytes | None] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        _Call.__init__(self, source)
         self._raw = raw
         self.id: int = raw.id
         self._path: str | None = None
@@ -542,15 +529,34 @@ class Request(_Call):
     def encode_reply(self) -> bytes:
         """The HTTPReqCall reply payload for :meth:`action`, encoded without making it
         (the runner's hot path; the tests hold the two to the same bytes)."""
-        stop = self._stop
-        if stop is not None:
-            return encode_req_call_reply(self.id, stop)
+        if self._stop is not None:
+            return encode_req_call_reply(self.id, self._stop)
+        changes = self._changes()
+        if changes is None:
+            return encode_pass_through_reply(self.id)
+        return encode_rewrite_reply(self.id, *changes)
+
+    def action(self) -> Stop | Rewrite | None:
+        """What to send back: the Stop, the accumulated Rewrite, or None if unchanged."""
+        if self._stop is not None:
+            return self._stop
+        changes = self._changes()
+        if changes is None:
+            return None
+        path, headers, args, resp_headers, body = changes
+        return Rewrite(path, headers, args, tuple(resp_headers), body)
+
+    def _changes(
+        self,
+    ) -> tuple[str | None, list[Entry], list[Entry], list[tuple[str, str]], bytes | None] | None:
+        """The rewrite so far: path, header and arg changes, response headers, body;
+        None if nothing changed."""
         headers = self._headers
         args = self._args
         changed_headers = (
-            headers.rewrite_entries() if headers is not None and headers._changed else ()
+            headers.rewrite_entries() if headers is not None and headers._changed else []
         )
-        changed_args = args.rewrite_entries() if args is not None and args._changed else ()
+        changed_args = args.rewrite_entries() if args is not None and args._changed else []
         if (
             changed_headers
             or changed_args
@@ -558,38 +564,8 @@ class Request(_Call):
             or self._resp_headers
             or self._new_body is not None
         ):
-            return encode_rewrite_reply(
-                self.id,
-                self._path,
-                changed_headers,
-                changed_args,
-                self._resp_headers,
-                self._new_body,
-            )
-        return encode_pass_through_reply(self.id)
-
-    def action(self) -> Stop | Rewrite | None:
-        """What to send back: the Stop, the accumulated Rewrite, or None if unchanged."""
-        if self._stop is not None:
-            return self._stop
-        new_body = self._new_body
-        headers = self._headers
-        args = self._args
-        if (
-            self._path is None
-            and (headers is None or not headers.changed)
-            and (args is None or not args.changed)
-            and not self._resp_headers
-            and new_body is None
-        ):
-            return None
-        return Rewrite(
-            path=self._path,
-            headers=headers.rewrite_entries() if headers is not None else [],
-            args=args.rewrite_entries() if args is not None else [],
-            resp_headers=tuple(self._resp_headers),
-            body=new_body,
-        )
+            return self._path, changed_headers, changed_args, self._resp_headers, self._new_body
+        return None
 
 
 class _LazyEntries:
