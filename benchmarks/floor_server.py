@@ -19,8 +19,8 @@ from pathlib import Path
 
 import uvloop
 
-from runner.frame import RPC, encode_frame
-from runner.messages import (
+from runner.protocol.frame import RPC, encode_frame
+from runner.protocol.messages import (
     ErrCode,
     encode_error,
     encode_prepare_conf_reply,

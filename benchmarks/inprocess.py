@@ -23,12 +23,13 @@ from typing import Any
 
 import uvloop
 
-from runner import refcodec
-from runner.app import build_dispatcher, load_registry
-from runner.bench import FILLER_HEADERS
-from runner.config import Config
-from runner.frame import RPC, encode_frame
-from runner.server import Connection, RunnerServer
+from runner.core.config import Config
+from runner.protocol.frame import RPC, encode_frame
+from runner.server.connection import Connection
+from runner.server.lifecycle import build_dispatcher, load_registry
+from runner.server.listener import RunnerServer
+from runner.tools import refcodec
+from runner.tools.bench import FILLER_HEADERS
 
 HEADERS = list(FILLER_HEADERS)  # the same request shape as `a6-runner bench`
 REWRITE = {

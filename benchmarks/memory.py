@@ -16,7 +16,7 @@ import time
 
 import uvloop
 
-from runner.bench import (
+from runner.tools.bench import (
     BenchConfig,
     RequestShape,
     SpawnedRunner,

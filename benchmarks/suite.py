@@ -1,7 +1,7 @@
 """The benchmark suite: the runner's CPU time per call, side by side with the transport floor.
 
 One run measures five servers, each at 1, 16 and 64 connections, driven by the same load
-generator (``runner.bench``, the engine of ``a6-runner bench``):
+generator (``runner.tools.bench``, the engine of ``a6-runner bench``):
 
   floor     benchmarks/floor_server.py: canned replies over a uvloop Unix socket
   stop      a6-runner, plugin ``say`` (a Stop)
@@ -37,8 +37,8 @@ from typing import Any
 
 import uvloop
 
-from runner.bench import BenchConfig, BenchResult, RequestShape, SpawnedRunner, run_bench
-from runner.client import wait_for_socket
+from runner.tools.bench import BenchConfig, BenchResult, RequestShape, SpawnedRunner, run_bench
+from runner.tools.client import wait_for_socket
 
 HERE = Path(__file__).resolve().parent
 

@@ -7,17 +7,17 @@ from typing import Any
 import click
 
 from runner import __version__
-from runner.bench import bench
 from runner.cli_options import (
     builtin_plugins_option,
     config_file_option,
     plugin_dirs,
     plugins_dir_option,
 )
-from runner.config import DEFAULT_SOCKET, Config
-from runner.frame import MAX_PAYLOAD
-from runner.logs import setup_logging
-from runner.scaffold import new_plugin_command, plugins_command
+from runner.core.config import DEFAULT_SOCKET, Config
+from runner.core.logs import setup_logging
+from runner.protocol.frame import MAX_PAYLOAD
+from runner.tools.bench import bench
+from runner.tools.scaffold import new_plugin_command, plugins_command
 
 
 def _mode(value: Any) -> int:
@@ -147,7 +147,7 @@ def main() -> None:
 )
 def run(**options: Any) -> None:
     """Serve plugins on the gateway's Unix socket until SIGTERM or SIGINT."""
-    from runner.app import run as run_runner  # keeps `a6-runner --help` fast
+    from runner.server.lifecycle import run as run_runner  # keeps `a6-runner --help` fast
 
     config = Config(
         listen=options["listen"],

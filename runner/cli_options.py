@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from runner.config import read_config_file
+from runner.core.config import read_config_file
 
 plugins_dir_option = click.option(
     "--plugins-dir",

@@ -28,9 +28,9 @@ import ipaddress
 from collections.abc import Awaitable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, get_args, get_origin
 
-from runner.configschema import ConfigError, load_config
-from runner.errors import PluginConfigError
-from runner.messages import (
+from runner.core.configschema import ConfigError, load_config
+from runner.core.errors import PluginConfigError
+from runner.protocol.messages import (
     Entry,
     InfoKind,
     Rewrite,

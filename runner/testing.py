@@ -34,22 +34,22 @@ from urllib.parse import unquote_plus
 
 import uvloop
 
-from runner import refcodec
-from runner.chain import (
+from runner.core.chain import (
     Chain,
     PluginFailed,
     run_request_inline,
     run_response_inline,
 )
-from runner.chain import (
+from runner.core.chain import (
     run_request as run_request_chain,
 )
-from runner.chain import (
+from runner.core.chain import (
     run_response as run_response_chain,
 )
-from runner.config import Config
-from runner.errors import CallTimeout, PluginConfigError
-from runner.messages import (
+from runner.core.config import Config
+from runner.core.errors import CallTimeout, PluginConfigError
+from runner.plugin import EXCLUDED_RESPONSE_HEADERS, Plugin, Request, Response
+from runner.protocol.messages import (
     METHOD_CODES,
     HTTPReqCall,
     HTTPRespCall,
@@ -57,7 +57,7 @@ from runner.messages import (
     encode_req_call_reply,
     encode_resp_call_reply,
 )
-from runner.plugin import EXCLUDED_RESPONSE_HEADERS, Plugin, Request, Response
+from runner.tools import refcodec
 
 __all__ = [
     "CallTimeout",

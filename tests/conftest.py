@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from runner.app import build_dispatcher, load_registry
-from runner.client import Connection
-from runner.config import Config
-from runner.server import RunnerServer
+from runner.core.config import Config
+from runner.server.lifecycle import build_dispatcher, load_registry
+from runner.server.listener import RunnerServer
+from runner.tools.client import Connection
 
 FIXTURE_PLUGINS = Path(__file__).parent / "fixtures" / "plugins"
 

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-import runner.app
+import runner.server.lifecycle
 from runner import __version__
 from runner.cli import main
-from runner.config import Config
+from runner.core.config import Config
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
         configs.append(config)
         return 0
 
-    monkeypatch.setattr(runner.app, "run", fake_run)
+    monkeypatch.setattr(runner.server.lifecycle, "run", fake_run)
     for var in ("APISIX_LISTEN_ADDRESS", "APISIX_CONF_EXPIRE_TIME", "A6_RUNNER_CONFIG"):
         monkeypatch.delenv(var, raising=False)
     return configs

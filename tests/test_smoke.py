@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.refcodec import StopAction
+from runner.tools.refcodec import StopAction
 from tests.conftest import connect, serving, test_config
 
 

@@ -37,11 +37,11 @@ from pathlib import Path
 
 import uvloop
 
-from runner.client import Connection, ProtocolViolation, RunnerError, wait_for_socket
-from runner.frame import RPC, encode_frame
-from runner.messages import ErrCode
-from runner.refcodec import RewriteAction, StopAction, encode_req_call
-from tests.test_fuzz import FuzzFailure, fuzz_connection, prepare_routes
+from runner.protocol.frame import RPC, encode_frame
+from runner.protocol.messages import ErrCode
+from runner.tools.client import Connection, ProtocolViolation, RunnerError, wait_for_socket
+from runner.tools.refcodec import RewriteAction, StopAction, encode_req_call
+from tests.server.test_fuzz import FuzzFailure, fuzz_connection, prepare_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_PLUGINS = ROOT / "tests" / "fixtures" / "plugins"

@@ -1,0 +1,381 @@
+"""The protocol's messages as plain typed objects, decoded from and encoded to payloads.
+
+This is the only module that knows the field layout of each FlatBuffers table (the
+slot numbers below follow ``ext_plugin_proto/ext-plugin.fbs``). Requests are decoded
+lazily: a call's id and conf token are read at once, everything else only when a
+plugin asks for it. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from runner.protocol import flatbuf as fb
+from runner.protocol.flatbuf import Entry, MalformedMessage
+
+__all__ = [
+    "METHOD_NAMES",
+    "Entry",
+    "ErrCode",
+    "HTTPReqCall",
+    "HTTPRespCall",
+    "MalformedMessage",
+    "PrepareConf",
+    "Rewrite",
+    "Stop",
+    "decode_extra_info_reply",
+    "decode_prepare_conf",
+    "encode_error",
+    "encode_extra_info_query",
+    "encode_pass_through_reply",
+    "encode_prepare_conf_reply",
+    "encode_req_call_reply",
+    "encode_resp_call_reply",
+    "encode_rewrite_reply",
+]
+
+
+class ErrCode(IntEnum):
+    """``A6.Err.Code``: what an error frame (RPC type 0) tells the gateway."""
+
+    BAD_REQUEST = 0
+    SERVICE_UNAVAILABLE = 1
+    CONF_TOKEN_NOT_FOUND = 2
+
+
+METHOD_NAMES: Final = (
+    "GET", "HEAD", "POST", "PUT", "DELETE", "MKCOL", "COPY", "MOVE", "OPTIONS",
+    "PROPFIND", "PROPPATCH", "LOCK", "UNLOCK", "PATCH", "TRACE",
+)  # fmt: skip
+METHOD_CODES: Final = {name: code for code, name in enumerate(METHOD_NAMES)}
+
+
+def _guard(what: str, exc: Exception) -> MalformedMessage:
+    return MalformedMessage(f"malformed {what}: {exc}")
+
+
+# ------------------------------------------------------------------------ PrepareConf
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareConf:
+    """``A6.PrepareConf.Req``: the plugin chain of one route, in execution order."""
+
+    conf: list[tuple[str, str]]  # (plugin name, plugin config as a JSON string)
+    key: str
+
+
+def decode_prepare_conf(payload: bytes) -> PrepareConf:
+    try:
+        conf_pos, key_pos = fb.root_fields(payload, 2)
+        conf = [(name, value or "") for name, value in fb.read_text_entries(payload, conf_pos)]
+        return PrepareConf(conf, fb.read_str(payload, key_pos) or "")
+    except MalformedMessage:
+        raise
+    except (ValueError, IndexError, struct.error) as exc:
+        raise _guard("PrepareConf request", exc) from exc
+
+
+def encode_prepare_conf_reply(conf_token: int) -> bytes:
+    return fb.build(((0, fb.U32, conf_token),))
+
+
+# ------------------------------------------------------------------------------- Err
+
+
+_ERROR_PAYLOADS: Final = {code: fb.build(((0, fb.U8, int(code)),)) for code in ErrCode}
+
+
+def encode_error(code: ErrCode) -> bytes:
+    return _ERROR_PAYLOADS[code]
+
+
+# ----------------------------------------------------------------------- HTTPReqCall
+
+
+class HTTPReqCall:
+    """``A6.HTTPReqCall.Req``, decoded lazily: fields are read when first used."""
+
+    __slots__ = ("_args", "_buf", "_headers", "_offsets", "_pos", "conf_token", "id")
+
+    def __init__(self, payload: bytes) -> None:
+        try:
+            pos, offsets = fb.root_offsets(payload, 7)
+            id_off = offsets[0]
+            token_off = offsets[6]
+            size = len(payload)
+            # read_u32 twice, inlined: this runs once per call.
+            if pos + id_off + 4 > size or pos + token_off + 4 > size:
+                raise MalformedMessage("the call id or conf token lies outside the message")
+            self.id = _u32(payload, pos + id_off)[0] if id_off else 0
+            self.conf_token = _u32(payload, pos + token_off)[0] if token_off else 0
+        except MalformedMessage:
+            raise
+        except (ValueError, IndexError, struct.error) as exc:
+            raise _guard("HTTPReqCall request", exc) from exc
+        self._buf = payload
+        self._pos = pos
+        self._offsets = offsets
+        self._args: list[Entry] | None = None
+        self._headers: list[Entry] | None = None
+
+    def _field(self, slot: int) -> int:
+        offset = self._offsets[slot]
+        return self._pos + offset if offset else 0
+
+    @property
+    def method(self) -> str:
+        code = fb.read_u8(self._buf, self._field(2))
+        return METHOD_NAMES[code] if code < len(METHOD_NAMES) else f"METHOD_{code}"
+
+    @property
+    def src_ip(self) -> bytes:
+        """The client address: 4 bytes (IPv4), 16 bytes (IPv6), or empty if not sent."""
+        try:
+            return fb.read_bytes(self._buf, self._field(1)) or b""
+        except (ValueError, IndexError, struct.error) as exc:
+            raise _guard("HTTPReqCall src_ip", exc) from exc
+
+    @property
+    def path(self) -> str:
+        try:
+            return fb.read_str(self._buf, self._field(3)) or ""
+        except (ValueError, IndexError, struct.error) as exc:
+            raise _guard("HTTPReqCall path", exc) from exc
+
+    @property
+    def args(self) -> list[Entry]:
+        """Query args in arrival order; ``?flag`` has value None, ``?flag=`` has ``""``."""
+        if self._args is None:
+            try:
+                self._args = fb.read_text_entries(self._buf, self._field(4))
+            except (ValueError, IndexError, struct.error) as exc:
+                raise _guard("HTTPReqCall args", exc) from exc
+        return self._args
+
+    @property
+    def headers(self) -> list[Entry]:
+        """Request headers in arrival order, one entry per value."""
+        if self._headers is None:
+            try:
+                self._headers = fb.read_text_entries(self._buf, self._field(5))
+            except (ValueError, IndexError, struct.error) as exc:
+                raise _guard("HTTPReqCall headers", exc) from exc
+        return self._headers
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """``A6.HTTPReqCall.Stop``: the gateway answers the client itself."""
+
+    status: int = 200
+    headers: Sequence[tuple[str, str]] = ()
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """``A6.HTTPReqCall.Rewrite``: the changes to make to the request before proxying."""
+
+    path: str | None = None
+    headers: Sequence[Entry] = ()  # value None deletes the header
+    args: Sequence[Entry] = ()  # value None deletes the arg
+    resp_headers: Sequence[tuple[str, str]] = ()
+    body: bytes | None = None
+
+
+_ACTION_STOP: Final = 1
+_ACTION_REWRITE: Final = 2
+_U32_LIMIT: Final = 1 << 32
+_U16_LIMIT: Final = 1 << 16
+_pack_u32 = struct.Struct("<I").pack
+_u32 = struct.Struct("<I").unpack_from
+
+# Replies are written straight into their final layout, the one ``fb.build`` produces
+# (the tests compare the two byte for byte). Every HTTPReqCall.Resp with an action
+# starts alike: root offset, Resp's vtable [id, action_type, action] and table, then
+# the action table right after it at offset 32.
+_RESP_HEAD: Final = struct.Struct("<IHHHHHxxiIII")
+_PASS_THROUGH_HEAD: Final = fb.build(((0, fb.U32, 0),))[:-4]  # all of it but the id
+# A Stop without headers, with and without a body: the Resp, then the Stop's vtable
+# and table (a body follows as a [ubyte] vector).
+_STOP_BARE: Final = struct.Struct("<IHHHHHxxiIIIHHHxxiI")
+_STOP_WITH_BODY: Final = struct.Struct("<IHHHHHxxiIIIHHHHHxxiII")
+
+
+def encode_req_call_reply(call_id: int, action: Stop | Rewrite | None) -> bytes:
+    """``A6.HTTPReqCall.Resp``. No action means "pass the request through unchanged"."""
+    if not 0 <= call_id < _U32_LIMIT:
+        raise ValueError(f"call id {call_id} does not fit a uint32")
+    if action is None:
+        return _PASS_THROUGH_HEAD + _pack_u32(call_id)
+    if isinstance(action, Stop):
+        return _encode_stop(call_id, action)
+    return _encode_rewrite(call_id, action)
+
+
+def _encode_stop(call_id: int, stop: Stop) -> bytes:
+    status = stop.status
+    if not 0 <= status < _U16_LIMIT:
+        raise ValueError(f"status {status} does not fit a uint16")
+    body = stop.body
+    if not stop.headers:
+        if not body:
+            # Stop table at 40: uoffset 40 - 28 = 12.
+            return _STOP_BARE.pack(16, 10, 16, 4, 8, 12, 12, call_id, 1, 12, 6, 8, 4, 8, status)
+        # Stop table at 44 (uoffset 16); its body slot at 52 points to the vector at 56.
+        head = _STOP_WITH_BODY.pack(
+            16, 10, 16, 4, 8, 12, 12, call_id, 1, 16, 10, 12, 4, 0, 8, 12, status, 4
+        )
+        return b"".join((head, _pack_u32(len(body)), body, fb.BYTES_PAD[len(body) & 3]))
+    headers = (fb.entries_blob(stop.headers), 0)
+    fields: list[tuple[int, int | fb.Child]] = [(0, status), (1, headers)]
+    if body:
+        fields.append((2, (fb.bytes_blob(body), 0)))
+    return _resp_with_action(call_id, _ACTION_STOP, fb.table_blob(fields))
+
+
+def _encode_rewrite(call_id: int, rw: Rewrite) -> bytes:
+    return encode_rewrite_reply(call_id, rw.path, rw.headers, rw.args, rw.resp_headers, rw.body)
+
+
+def encode_pass_through_reply(call_id: int) -> bytes:
+    """``encode_req_call_reply(call_id, None)``, for an id known to fit a uint32."""
+    return _PASS_THROUGH_HEAD + _pack_u32(call_id)
+
+
+def encode_rewrite_reply(
+    call_id: int,
+    path: str | None,
+    headers: Sequence[Entry],
+    args: Sequence[Entry],
+    resp_headers: Sequence[tuple[str, str]],
+    body: bytes | None,
+) -> bytes:
+    """``encode_req_call_reply`` of a Rewrite made of these parts, without making one.
+
+    For an id known to fit a uint32 (the request's own). The usual rewrite changes
+    request headers only: its Resp and Rewrite tables are one constant layout.
+    """
+    if headers and path is None and not args and not resp_headers and body is None:
+        return b"".join(
+            (
+                _RESP_HEAD.pack(16, 10, 16, 4, 8, 12, 12, call_id, _ACTION_REWRITE, 12),
+                _REWRITE_HEADERS_ONLY,
+                fb.entries_blob(headers),
+            )
+        )
+    fields: list[tuple[int, int | fb.Child]] = []
+    if path is not None:
+        fields.append((0, (fb.str_blob(path), 0)))
+    if headers:
+        fields.append((1, (fb.entries_blob(headers), 0)))
+    if args:
+        fields.append((2, (fb.entries_blob(args), 0)))
+    if resp_headers:
+        fields.append((3, (fb.entries_blob(resp_headers), 0)))
+    if body is not None:
+        fields.append((4, (fb.bytes_blob(body), 0)))
+    return _resp_with_action(call_id, _ACTION_REWRITE, fb.table_blob(fields))
+
+
+# A Rewrite table whose only field is the headers vector, as table_blob lays it out:
+# vtable [8 bytes, table 8 bytes, path absent, headers at 4], table [soffset 8, uoffset
+# 4 to the vector right after it].
+_REWRITE_HEADERS_ONLY: Final = struct.pack("<HHHHiI", 8, 8, 0, 4, 8, 4)
+
+
+def _resp_with_action(call_id: int, kind: int, action: fb.Child) -> bytes:
+    blob, inner = action
+    # The action table lies at 32 + inner; its uoffset is stored at 28.
+    return _RESP_HEAD.pack(16, 10, 16, 4, 8, 12, 12, call_id, kind, 4 + inner) + blob
+
+
+# ---------------------------------------------------------------------- HTTPRespCall
+
+
+class HTTPRespCall:
+    """``A6.HTTPRespCall.Req``: the upstream's response, decoded lazily."""
+
+    __slots__ = ("_buf", "_fields", "_headers", "conf_token", "id", "status")
+
+    def __init__(self, payload: bytes) -> None:
+        try:
+            fields = fb.root_fields(payload, 4)
+            self.id = fb.read_u32(payload, fields[0])
+            self.status = fb.read_u16(payload, fields[1])
+            self.conf_token = fb.read_u32(payload, fields[3])
+        except MalformedMessage:
+            raise
+        except (ValueError, IndexError, struct.error) as exc:
+            raise _guard("HTTPRespCall request", exc) from exc
+        self._buf = payload
+        self._fields = fields
+        self._headers: list[Entry] | None = None
+
+    @property
+    def headers(self) -> list[Entry]:
+        if self._headers is None:
+            try:
+                self._headers = fb.read_text_entries(self._buf, self._fields[2])
+            except (ValueError, IndexError, struct.error) as exc:
+                raise _guard("HTTPRespCall headers", exc) from exc
+        return self._headers
+
+
+def encode_resp_call_reply(
+    call_id: int,
+    status: int = 0,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes | None = None,
+) -> bytes:
+    """``A6.HTTPRespCall.Resp``.
+
+    The gateway reads it this way: status 0 keeps the upstream status; a non-empty
+    header list REPLACES every upstream header; an empty body keeps the upstream body.
+    """
+    if not 0 <= call_id < _U32_LIMIT:
+        raise ValueError(f"call id {call_id} does not fit a uint32")
+    fields: list[tuple[int, int | fb.Child]] = [(0, call_id)]
+    if status:
+        if not 0 <= status < _U16_LIMIT:
+            raise ValueError(f"status {status} does not fit a uint16")
+        fields.append((1, status))
+    if headers:
+        fields.append((2, (fb.entries_blob(headers), 0)))
+    if body:
+        fields.append((3, (fb.bytes_blob(body), 0)))
+    return fb.finish(fb.table_blob(fields))
+
+
+# ------------------------------------------------------------------------- ExtraInfo
+
+
+class InfoKind(IntEnum):
+    """``A6.ExtraInfo.Info``: what the runner may ask the gateway for during a call."""
+
+    VAR = 1
+    REQ_BODY = 2
+    RESP_BODY = 3
+
+
+def encode_extra_info_query(kind: InfoKind, name: str = "") -> bytes:
+    """``A6.ExtraInfo.Req``: ask for an nginx variable (by name) or a body."""
+    info: list[tuple[int, int | fb.Child]] = (
+        [(0, (fb.str_blob(name), 0))] if kind is InfoKind.VAR else []
+    )
+    return fb.finish(fb.table_blob([(0, int(kind)), (1, fb.table_blob(info))]))
+
+
+def decode_extra_info_reply(payload: bytes) -> bytes | None:
+    """``A6.ExtraInfo.Resp``: None means "no such value", ``b""`` means "empty"."""
+    try:
+        return fb.root_bytes(payload)
+    except MalformedMessage:
+        raise
+    except (ValueError, IndexError, struct.error) as exc:
+        raise _guard("ExtraInfo reply", exc) from exc

@@ -1,0 +1,153 @@
+"""Hot reload (``a6-runner run --reload``): new plugin code without a restart.
+
+The reloader polls the modification times of the Python files in the plugin
+directories. On a change it imports every module of those directories afresh into a
+new registry and, if that worked, swaps the new registry into the dispatcher and
+retires every prepared conf: the gateway's next call with an old token gets
+CONF_TOKEN_NOT_FOUND, so the gateway prepares the route again, with the new code.
+Calls in flight finish with the plugins they started with.
+
+If any module fails to import (or two plugins end up with one name), the previous
+plugins keep serving, untouched, and one line says why; the next change tries again.
+
+Meant for development: each reload re-runs every plugin module's top-level code and
+drops per-route plugin state (rate-limit buckets, caches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+from runner.core.dispatch import Dispatcher
+from runner.core.registry import PluginLoadError, PluginRegistry
+
+log = logging.getLogger("a6.reload")
+
+Snapshot = dict[str, tuple[int, int]]
+
+DEFAULT_INTERVAL = 1.0
+
+
+class Reloader:
+    """Watches ``directories`` and swaps a freshly loaded registry into ``dispatcher``.
+
+    ``load`` builds a complete registry (bundled plugins and directories) the same way
+    the runner did at start-up.
+    """
+
+    def __init__(
+        self,
+        directories: Iterable[Path],
+        dispatcher: Dispatcher,
+        load: Callable[[], PluginRegistry],
+        interval: float = DEFAULT_INTERVAL,
+    ) -> None:
+        self.directories = tuple(Path(d).resolve() for d in directories)
+        self.dispatcher = dispatcher
+        self.interval = interval
+        self._load = load
+        self._seen = self.scan()
+
+    def scan(self) -> Snapshot:
+        """``path -> (mtime_ns, size)`` of every watched source file."""
+        snapshot: Snapshot = {}
+        for path in _source_files(self.directories):
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # deleted while we looked: the next scan sees it gone
+            snapshot[str(path)] = (st.st_mtime_ns, st.st_size)
+        return snapshot
+
+    def check_once(self) -> bool:
+        """Reload if a watched file changed since the last check; True if new plugins
+        now serve."""
+        current = self.scan()
+        if current == self._seen:
+            return False
+        changed = sorted(
+            p for p in current.keys() | self._seen.keys() if current.get(p) != self._seen.get(p)
+        )
+        self._seen = current
+        return self.reload(changed)
+
+    def reload(self, changed: Iterable[str] = ()) -> bool:
+        """Import the plugin directories again; swap the result in only if all is well."""
+        what = ", ".join(Path(p).name for p in changed) or "request"
+        previous = self._own_modules()
+        for name in previous:
+            del sys.modules[name]
+        # The registry logs each import error; here the reload's own line reports them.
+        registry_log = logging.getLogger("a6.registry")
+        was_disabled, registry_log.disabled = registry_log.disabled, True
+        try:
+            registry = self._load()
+            failures = [f"{where}: {why}" for where, why in registry.import_errors.items()]
+        except (PluginLoadError, ImportError) as exc:
+            failures = [str(exc)]
+        finally:
+            registry_log.disabled = was_disabled
+        if failures:
+            self._restore(previous)
+            log.error(
+                "reload after a change to %s failed, the previous plugins keep serving: %s",
+                what,
+                "; ".join(failures),
+            )
+            return False
+        self.dispatcher.registry = registry
+        self.dispatcher.forget_confs()
+        log.info(
+            "reloaded plugins after a change to %s (prepared confs retired): %s",
+            what,
+            ", ".join(registry.names()) or "none",
+        )
+        return True
+
+    async def run(self) -> None:
+        """Check every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check_once()
+            except Exception:
+                # A reloader that dies stops reloading silently: say why and go on.
+                log.exception("reload check failed")
+
+    def _own_modules(self) -> dict[str, ModuleType]:
+        """Modules imported from the watched source files: plugins and their helpers
+        (never, say, a virtualenv's packages that happen to live below a directory)."""
+        watched = {os.path.realpath(p) for p in self.scan()}
+        own = {}
+        for name, module in list(sys.modules.items()):
+            file = getattr(module, "__file__", None)
+            if file and os.path.realpath(file) in watched:
+                own[name] = module
+        return own
+
+    def _restore(self, previous: dict[str, ModuleType]) -> None:
+        """Put back the modules the previous plugins were imported with: their config
+        types are resolved through ``sys.modules`` at each PrepareConf."""
+        for name in self._own_modules():
+            del sys.modules[name]
+        sys.modules.update(previous)
+
+
+def _source_files(directories: Iterable[Path]) -> Iterator[Path]:
+    """The ``.py`` files of each directory and of its packages (subdirectories with an
+    ``__init__.py``); other subdirectories, such as a virtualenv, are not walked."""
+    for top in directories:
+        for root, dirs, files in os.walk(top):
+            if Path(root) != top and "__init__.py" not in files:
+                dirs.clear()
+                continue
+            dirs[:] = [d for d in dirs if not d.startswith((".", "__pycache__"))]
+            for name in files:
+                if name.endswith(".py") and not name.startswith("test_"):
+                    yield Path(root, name)
