@@ -8,11 +8,12 @@ plugin asks for it. No I/O happens here.
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Any, Final
 
 from runner.protocol import flatbuf as fb
 from runner.protocol.flatbuf import Entry, MalformedMessage
@@ -174,7 +175,21 @@ class Stop:
 
     status: int = 200
     headers: Sequence[tuple[str, str]] = ()
-    body: bytes = b""
+    body: bytes = b""  # b"" means "no body"
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (any case), or None."""
+        key = name.lower()
+        return next((v for n, v in self.headers if n.lower() == key), None)
+
+    @property
+    def text(self) -> str:
+        """The body as UTF-8 text."""
+        return self.body.decode()
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return json.loads(self.body)
 
 
 @dataclass(frozen=True, slots=True)
