@@ -8,8 +8,8 @@ import click
 
 from runner import __version__
 from runner.cli_options import (
-    builtin_plugins_option,
     config_file_option,
+    examples_option,
     plugin_dirs,
     plugins_dir_option,
 )
@@ -55,7 +55,7 @@ def main() -> None:
     help="Seconds the gateway caches a conf token. Confs are kept 300 s longer.",
 )
 @plugins_dir_option
-@builtin_plugins_option
+@examples_option
 @click.option(
     "--log-level",
     envvar="A6_RUNNER_LOG_LEVEL",
@@ -153,7 +153,7 @@ def run(**options: Any) -> None:
         listen=options["listen"],
         conf_expire_time=options["conf_expire_time"],
         plugin_dirs=plugin_dirs(options["plugins_dir"]),
-        builtin_plugins=options["builtin_plugins"],
+        examples=options["examples"],
         log_level=options["log_level"].lower(),
         call_timeout=options["call_timeout"],
         shutdown_grace=options["shutdown_grace"],

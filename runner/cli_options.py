@@ -21,12 +21,13 @@ plugins_dir_option = click.option(
     f"variable, separate with '{os.pathsep}').",
 )
 
-builtin_plugins_option = click.option(
-    "--builtin-plugins/--no-builtin-plugins",
-    default=True,
-    show_default=True,
-    envvar="A6_RUNNER_BUILTIN_PLUGINS",
-    help="Load the example plugins shipped in the 'plugins' package.",
+examples_option = click.option(
+    "--examples/--no-examples",
+    default=None,
+    envvar="A6_RUNNER_EXAMPLES",
+    show_envvar=True,
+    help="Serve the example plugins shipped with a6-runner (say, rewrite, api-key, ...). "
+    "Default: only when there is no plugin directory and no installed entry-point plugin.",
 )
 
 

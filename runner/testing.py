@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import unquote_plus
 
@@ -67,6 +69,7 @@ __all__ = [
     "ResponseResult",
     "RewriteAction",
     "StopAction",
+    "load_plugin",
     "prepare",
     "run_request",
     "run_request_async",
@@ -504,3 +507,25 @@ def _args(args: ArgsIn) -> list[tuple[str, str | None]]:
 
 def _bytes_or_none(data: bytes | str | None) -> bytes | None:
     return data.encode() if isinstance(data, str) else data
+
+
+def load_plugin(path: str | os.PathLike[str], name: str | None = None) -> type[Plugin[Any]]:
+    """The plugin class defined in the file ``path``, imported exactly as the runner
+    imports it: under a private package for its directory (so ``json.py`` or
+    ``jwt.py`` shadow nothing, and ``from . import helpers`` finds the helper beside
+    it), freshly on each call. ``name`` picks one plugin of a file that defines
+    several. Import errors propagate, with the plugin's own traceback::
+
+        Greet = load_plugin(Path(__file__).parent.parent / "greet.py")
+    """
+    from runner.core.registry import PluginImporter, plugins_in
+
+    module = PluginImporter().import_file(Path(path))
+    found = {cls.name: cls for cls in plugins_in(module)}
+    if name is not None:
+        if name not in found:
+            raise LookupError(f"{path} defines no plugin named {name!r}; it has {sorted(found)}")
+        return found[name]
+    if len(found) != 1:
+        raise LookupError(f"{path} defines {len(found)} plugins {sorted(found)}: give name=")
+    return next(iter(found.values()))

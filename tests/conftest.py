@@ -50,7 +50,9 @@ def sock_dir() -> Iterator[Path]:
 
 
 def test_config(sock_dir: Path, **overrides: object) -> Config:
-    base = Config(listen=f"unix:{sock_dir / 'runner.sock'}", plugin_dirs=(FIXTURE_PLUGINS,))
+    base = Config(
+        listen=f"unix:{sock_dir / 'runner.sock'}", plugin_dirs=(FIXTURE_PLUGINS,), examples=True
+    )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 

@@ -23,7 +23,8 @@ class Config:
     listen: str = DEFAULT_SOCKET
     conf_expire_time: float = 3600.0
     plugin_dirs: tuple[Path, ...] = ()
-    builtin_plugins: bool = True
+    # None: serve the examples only if there is no plugin directory and no entry point.
+    examples: bool | None = None
     log_level: str = "info"
     call_timeout: float = 50.0
     shutdown_grace: float = 0.5

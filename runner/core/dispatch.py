@@ -139,6 +139,13 @@ class Dispatcher:
         log.debug("prepared conf token %d for route %r: %s", token, req.key, [n for n, _ in conf])
         return self._frame(RPC.PREPARE_CONF, encode_prepare_conf_reply(token), 0)
 
+    def replace_registry(self, registry: PluginRegistry) -> None:
+        """Serve ``registry``'s plugins from now on (a reload). Prepared confs are
+        dropped, so the gateway re-prepares each route with the new plugins; calls in
+        flight finish with the plugins they started with."""
+        self.registry = registry
+        self.forget_confs()
+
     def forget_confs(self) -> None:
         """Drop every prepared conf: the gateway re-prepares on CONF_TOKEN_NOT_FOUND."""
         self.cache.clear()

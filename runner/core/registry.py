@@ -1,23 +1,45 @@
-"""The plugin registry: finds Plugin subclasses in packages and directories, by name."""
+"""The plugin registry: Plugin subclasses by name, from plugin directories, installed
+distributions (entry points) and the bundled examples.
+
+Plugin files are imported under a private package per directory and per registry
+(``_a6_plugins_<generation>_<n>``), never through ``sys.path``: a plugin file named
+``json.py`` neither shadows nor is shadowed by an installed module, two directories
+may both hold an ``auth.py``, and a new registry (a reload) imports fresh copies of
+every file without touching the modules the previous one still serves with. A
+plugin's helper modules beside it are imported relatively (``from . import helpers``).
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import importlib.util
+import itertools
 import logging
-import pkgutil
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from types import CodeType, ModuleType
 from typing import Any
 
+from runner.core.config import Config
 from runner.core.errors import UnknownPlugin
 from runner.plugin import Plugin
 
 log = logging.getLogger("a6.registry")
+
+ENTRY_POINT_GROUP = "a6_runner.plugins"
+# Where the example plugins (plugins/ in the source tree) are installed.
+EXAMPLES_PACKAGE = "runner.examples"
+NAMESPACE = "_a6_plugins"
+
+# Only makes module names unique within the process: a name must never be reused, or
+# an import would find the previous generation's module in sys.modules.
+_generations = itertools.count(1)
 
 
 class PluginLoadError(Exception):
@@ -37,13 +59,103 @@ def plugins_in(module: ModuleType) -> list[type[Plugin[Any]]]:
     ]
 
 
-class PluginRegistry:
-    """Plugin classes by name, with where each came from and what failed to import."""
+def examples_dir() -> Path:
+    """The directory of the example plugins, in a wheel as in an editable install."""
+    # find_spec locates the package without importing it: the examples are loaded as a
+    # plugin directory, like any other, never as the package `runner.examples`.
+    spec = importlib.util.find_spec(EXAMPLES_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PluginLoadError(f"the example plugins ({EXAMPLES_PACKAGE}) are not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class PluginImporter:
+    """Imports plugin files, each directory as a private package of this generation.
+
+    Every importer is a new generation: importing a file that an earlier importer
+    imported runs it again, as a new module; the earlier module is left as it was.
+    """
 
     def __init__(self) -> None:
+        _PluginFinder.install()
+        self._generation = next(_generations)
+        self._packages: dict[Path, str] = {}
+
+    def import_file(self, path: Path) -> ModuleType:
+        """Import a ``.py`` file; raises what its top-level code raises."""
+        path = path.resolve()
+        if path.suffix != ".py" or "." in path.stem:
+            raise ImportError(f"{path} is not a Python module file")
+        return importlib.import_module(f"{self.package_for(path.parent)}.{path.stem}")
+
+    def package_for(self, directory: Path) -> str:
+        """The private package whose modules are ``directory``'s files."""
+        directory = directory.resolve()
+        name = self._packages.get(directory)
+        if name is None:
+            name = f"{NAMESPACE}_{self._generation}_{len(self._packages)}"
+            spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            spec.submodule_search_locations = [str(directory)]
+            # The import system finds submodules through the parent in sys.modules; the
+            # package has no code of its own (an __init__.py there is not run).
+            sys.modules[name] = importlib.util.module_from_spec(spec)
+            self._packages[directory] = name
+        return name
+
+
+class _SourceLoader(importlib.machinery.SourceFileLoader):
+    """Compiles a plugin module from its source every time, and writes no bytecode.
+
+    Bytecode caches are keyed by the source's size and whole-second mtime: after a
+    quick edit that keeps the size, a reload would run the previous version.
+    """
+
+    def get_code(self, fullname: str) -> CodeType:
+        return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
+
+
+_LOADERS: list[tuple[Any, list[str]]] = [
+    (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+    (_SourceLoader, importlib.machinery.SOURCE_SUFFIXES),
+]
+
+
+class _PluginFinder(importlib.abc.MetaPathFinder):
+    """Finds the modules of the private plugin packages (plugins and their helpers),
+    in the package's directory only, with ``_SourceLoader``. Other names: not ours."""
+
+    @classmethod
+    def install(cls) -> None:
+        # First, so that the path finder does not load our modules with bytecode caches.
+        if not any(isinstance(finder, cls) for finder in sys.meta_path):
+            sys.meta_path.insert(0, cls())
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if path is None or not fullname.startswith(NAMESPACE + "_"):
+            return None
+        for entry in path:
+            spec = importlib.machinery.FileFinder(entry, *_LOADERS).find_spec(fullname)
+            if spec is not None and spec.loader is not None:
+                return spec
+        return None
+
+
+class PluginRegistry:
+    """Plugin classes by name, with where each came from and what failed to import.
+
+    Each registry imports its plugin files afresh (see ``PluginImporter``).
+    """
+
+    def __init__(self) -> None:
+        self._importer = PluginImporter()
         self._plugins: dict[str, type[Plugin[Any]]] = {}
         self._origins: dict[str, str] = {}
-        # module origin (file path) -> one-line reason; kept so PrepareConf can say why
+        # origin (file path, entry point) -> one-line reason; kept so PrepareConf can say why
         self.import_errors: dict[str, str] = {}
 
     def add(self, cls: type[Plugin[Any]], origin: str) -> None:
@@ -57,31 +169,64 @@ class PluginRegistry:
         self._plugins[name] = cls
         self._origins[name] = origin
 
-    def load_package(self, package: str) -> None:
-        """Import every module of an installed package (e.g. the bundled ``plugins``)."""
-        pkg = importlib.import_module(package)
-        for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
-            if info.name.rsplit(".", 1)[-1].startswith("_"):
-                continue
-            module = self._import(info.name, lambda n=info.name: importlib.import_module(n))
-            if module is not None:
-                self._add_module(module)
-
     def load_dir(self, directory: Path) -> None:
         """Import every ``*.py`` file of a directory (not ``_``-prefixed, not tests)."""
+        for path in self._plugin_files(directory):
+            module = self._import(str(path), partial(self._importer.import_file, path))
+            if module is not None:
+                for cls in plugins_in(module):
+                    self.add(cls, str(path))
+
+    def load_examples(self) -> None:
+        """Import the example plugins; an example whose name a plugin already has is
+        left out (an operator's own ``say`` wins over the example)."""
+        for path in self._plugin_files(examples_dir()):
+            module = self._import(str(path), partial(self._importer.import_file, path))
+            for cls in plugins_in(module) if module is not None else ():
+                if cls.name in self._plugins:
+                    log.info(
+                        "example plugin %r left out: %s has one", cls.name, self.origin(cls.name)
+                    )
+                else:
+                    self.add(cls, str(path))
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> int:
+        """Import the plugins installed distributions declare in the entry-point group:
+        each entry point names a module (its plugin classes are loaded) or a Plugin
+        subclass. Returns how many entry points there are."""
+        found = importlib.metadata.entry_points(group=group)
+        for ep in found:
+            dist = f" in {ep.dist.name}" if ep.dist is not None else ""
+            origin = f"entry point {ep.name} = {ep.value}{dist}"
+            loaded = self._import(origin, ep.load)
+            if loaded is None:
+                continue
+            if isinstance(loaded, ModuleType):
+                classes = plugins_in(loaded)
+            elif isinstance(loaded, type) and issubclass(loaded, Plugin):
+                classes = [loaded]
+            else:
+                self.import_errors[origin] = "names neither a module nor a Plugin subclass"
+                continue
+            for cls in classes:
+                self.add(cls, origin)
+        return len(found)
+
+    @staticmethod
+    def _plugin_files(directory: Path) -> list[Path]:
         directory = directory.resolve()
         if not directory.is_dir():
             raise PluginLoadError(f"plugin directory {directory} does not exist")
-        for path in sorted(directory.glob("*.py")):
-            if path.name.startswith(("_", "test_")):
-                continue
-            module = self._import(str(path), lambda p=path: import_file(p))
-            if module is not None:
-                self._add_module(module)
+        return [
+            path
+            for path in sorted(directory.glob("*.py"))
+            if not path.name.startswith(("_", "test_"))
+        ]
 
-    def _import(self, origin: str, do_import: Any) -> ModuleType | None:
+    def _import(self, origin: str, do_import: Callable[[], Any]) -> Any:
+        """What ``do_import`` returns, or None with the reason kept in import_errors."""
         try:
-            module: ModuleType = do_import()
+            loaded = do_import()
         except Exception as exc:
             if isinstance(exc, SyntaxError):  # its own message says where
                 reason = f"{type(exc).__name__}: {exc}"
@@ -89,15 +234,9 @@ class PluginRegistry:
                 where = traceback.extract_tb(exc.__traceback__)[-1]
                 reason = f"{type(exc).__name__}: {exc} ({where.filename}:{where.lineno})"
             self.import_errors[origin] = reason
-            log.error("plugin module %s failed to import: %s", origin, reason)
             return None
         self.import_errors.pop(origin, None)
-        return module
-
-    def _add_module(self, module: ModuleType) -> None:
-        origin = getattr(module, "__file__", None) or module.__name__
-        for cls in plugins_in(module):
-            self.add(cls, origin)
+        return loaded
 
     def get(self, name: str) -> type[Plugin[Any]] | None:
         return self._plugins.get(name)
@@ -126,32 +265,21 @@ class PluginRegistry:
         return len(self._plugins)
 
 
-class _SourceLoader(importlib.machinery.SourceFileLoader):
-    """Compiles a plugin file from its source every time, without a bytecode cache.
+def load_registry(config: Config) -> PluginRegistry:
+    """The plugins ``config`` asks for: its directories, the installed entry points,
+    and the examples if ``config.examples`` says so (None: only if there is neither a
+    plugin directory nor an entry point, as in the standalone demo).
 
-    The cache is keyed by the source's size and whole-second mtime: after a quick edit
-    that keeps the size, a hot reload would run the previous version.
+    Raises PluginLoadError if a directory is missing or two plugins share a name;
+    modules that fail to import are in the registry's ``import_errors``.
     """
-
-    def get_code(self, fullname: str) -> CodeType:
-        return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
-
-
-def import_file(path: Path) -> ModuleType:
-    """Import a plugin file under a module name of its own, so two directories may both
-    hold an ``auth.py``. The file's directory is importable for its helper modules."""
-    name = "a6_plugin_" + "_".join(path.with_suffix("").parts[-2:]).replace("-", "_")
-    spec = importlib.util.spec_from_file_location(name, path, loader=_SourceLoader(name, str(path)))
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    parent = str(path.parent)
-    if parent not in sys.path:
-        sys.path.append(parent)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
+    registry = PluginRegistry()
+    for directory in config.plugin_dirs:
+        registry.load_dir(directory)
+    entry_points = registry.load_entry_points()
+    examples = config.examples
+    if examples is None:
+        examples = not config.plugin_dirs and not entry_points
+    if examples:
+        registry.load_examples()
+    return registry

@@ -18,23 +18,15 @@ from runner.core.cache import ConfCache
 from runner.core.chain import Chain
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
-from runner.core.registry import PluginLoadError, PluginRegistry
+from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
 from runner.server.listener import RunnerServer, StartupError, raise_open_file_limit
 from runner.server.reload import Reloader
 
 log = logging.getLogger("a6.app")
 
-BUILTIN_PACKAGE = "plugins"
 BLOCKING_THREADS = "a6-blocking"
 
-
-def load_registry(config: Config) -> PluginRegistry:
-    registry = PluginRegistry()
-    if config.builtin_plugins:
-        registry.load_package(BUILTIN_PACKAGE)
-    for directory in config.plugin_dirs:
-        registry.load_dir(directory)
-    return registry
+__all__ = ["build_dispatcher", "load_registry", "run", "serve", "serve_reloading"]
 
 
 def build_dispatcher(config: Config, registry: PluginRegistry) -> Dispatcher:
@@ -95,15 +87,15 @@ async def serve_reloading(config: Config, dispatcher: Dispatcher) -> None:
 
 def run(config: Config) -> int:
     """Run the runner until a signal; returns the process exit status."""
-    if config.reload:
-        # Bytecode caches are keyed by whole-second mtimes: a quick edit could reload stale code.
-        sys.dont_write_bytecode = True
     try:
         config.check()
         registry = load_registry(config)
     except (ValueError, PluginLoadError) as exc:
         log.error("cannot start: %s", exc)
         return 2
+    for origin, reason in registry.import_errors.items():
+        # The runner serves the rest; PrepareConf for the missing plugin says why too.
+        log.error("plugin module %s failed to import: %s", origin, reason)
     # Every gateway worker keeps up to 32 connections: make sure we can accept them all.
     raise_open_file_limit(config.max_connections + 64)
     dispatcher = build_dispatcher(config, registry)

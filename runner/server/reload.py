@@ -10,8 +10,14 @@ Calls in flight finish with the plugins they started with.
 If any module fails to import (or two plugins end up with one name), the previous
 plugins keep serving, untouched, and one line says why; the next change tries again.
 
-Meant for development: each reload re-runs every plugin module's top-level code and
-drops per-route plugin state (rate-limit buckets, caches).
+Every registry imports the plugin files under a private namespace of its own (see
+``runner.core.registry``), so a reload imports new versions beside the old ones and
+the old ones stay as they were until nothing uses them.
+
+Meant for development: each reload re-runs every plugin module's top-level code,
+drops per-route plugin state (rate-limit buckets, caches) and keeps the previous
+versions' modules in memory. ``reload_plugins`` also serves a reload on request
+(SIGHUP), without watching.
 """
 
 from __future__ import annotations
@@ -19,10 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 from runner.core.dispatch import Dispatcher
 from runner.core.registry import PluginLoadError, PluginRegistry
@@ -37,7 +41,7 @@ DEFAULT_INTERVAL = 1.0
 class Reloader:
     """Watches ``directories`` and swaps a freshly loaded registry into ``dispatcher``.
 
-    ``load`` builds a complete registry (bundled plugins and directories) the same way
+    ``load`` builds a complete registry (directories, entry points, examples) the same way
     the runner did at start-up.
     """
 
@@ -78,37 +82,14 @@ class Reloader:
         return self.reload(changed)
 
     def reload(self, changed: Iterable[str] = ()) -> bool:
-        """Import the plugin directories again; swap the result in only if all is well."""
+        """Import the plugins again; swap the result in only if all is well."""
         what = ", ".join(Path(p).name for p in changed) or "request"
-        previous = self._own_modules()
-        for name in previous:
-            del sys.modules[name]
-        # The registry logs each import error; here the reload's own line reports them.
-        registry_log = logging.getLogger("a6.registry")
-        was_disabled, registry_log.disabled = registry_log.disabled, True
-        try:
-            registry = self._load()
-            failures = [f"{where}: {why}" for where, why in registry.import_errors.items()]
-        except (PluginLoadError, ImportError) as exc:
-            failures = [str(exc)]
-        finally:
-            registry_log.disabled = was_disabled
-        if failures:
-            self._restore(previous)
-            log.error(
-                "reload after a change to %s failed, the previous plugins keep serving: %s",
-                what,
-                "; ".join(failures),
-            )
-            return False
-        self.dispatcher.registry = registry
-        self.dispatcher.forget_confs()
-        log.info(
-            "reloaded plugins after a change to %s (prepared confs retired): %s",
-            what,
-            ", ".join(registry.names()) or "none",
-        )
-        return True
+        return reload_plugins(self.dispatcher, self._load, f"a change to {what}")
+
+    def reload_now(self) -> bool:
+        """Import the plugins again now, changed or not (e.g. on SIGHUP)."""
+        self._seen = self.scan()
+        return reload_plugins(self.dispatcher, self._load, "a request")
 
     async def run(self) -> None:
         """Check every ``interval`` seconds until cancelled."""
@@ -120,23 +101,32 @@ class Reloader:
                 # A reloader that dies stops reloading silently: say why and go on.
                 log.exception("reload check failed")
 
-    def _own_modules(self) -> dict[str, ModuleType]:
-        """Modules imported from the watched source files: plugins and their helpers
-        (never, say, a virtualenv's packages that happen to live below a directory)."""
-        watched = {os.path.realpath(p) for p in self.scan()}
-        own = {}
-        for name, module in list(sys.modules.items()):
-            file = getattr(module, "__file__", None)
-            if file and os.path.realpath(file) in watched:
-                own[name] = module
-        return own
 
-    def _restore(self, previous: dict[str, ModuleType]) -> None:
-        """Put back the modules the previous plugins were imported with: their config
-        types are resolved through ``sys.modules`` at each PrepareConf."""
-        for name in self._own_modules():
-            del sys.modules[name]
-        sys.modules.update(previous)
+def reload_plugins(
+    dispatcher: Dispatcher, load: Callable[[], PluginRegistry], why: str = "a request"
+) -> bool:
+    """Build a new registry with ``load`` and, if every module imported, swap it into
+    the dispatcher (retiring the prepared confs). Otherwise the previous plugins keep
+    serving. One log line either way; True if the new plugins now serve."""
+    try:
+        registry = load()
+        failures = [f"{where}: {reason}" for where, reason in registry.import_errors.items()]
+    except (PluginLoadError, ImportError) as exc:
+        failures = [str(exc)]
+    if failures:
+        log.error(
+            "reload after %s failed, the previous plugins keep serving: %s",
+            why,
+            "; ".join(failures),
+        )
+        return False
+    dispatcher.replace_registry(registry)
+    log.info(
+        "reloaded plugins after %s (prepared confs retired): %s",
+        why,
+        ", ".join(registry.names()) or "none",
+    )
+    return True
 
 
 def _source_files(directories: Iterable[Path]) -> Iterator[Path]:

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import keyword
-import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import click
 
 from runner.cli_options import (
-    builtin_plugins_option,
     config_file_option,
+    examples_option,
     plugin_dirs,
     plugins_dir_option,
 )
 from runner.core.config import Config
+from runner.plugin import Plugin
 
 PLUGIN_NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 
@@ -24,44 +26,58 @@ PLUGIN_NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 @click.command("plugins")
 @config_file_option
 @plugins_dir_option
-@builtin_plugins_option
-def plugins_command(plugins_dir: tuple[str, ...], builtin_plugins: bool) -> None:
+@examples_option
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as one JSON object.")
+def plugins_command(plugins_dir: tuple[str, ...], examples: bool | None, as_json: bool) -> None:
     """List the plugins `run` would load, with their configs; report import errors.
 
     Exits with status 1 if a module failed to import, 2 if the plugins cannot be
     loaded at all (a missing directory, two plugins with one name).
     """
-    from runner.core.configschema import describe
-    from runner.core.registry import PluginLoadError
-    from runner.server.lifecycle import load_registry  # keeps `a6-runner --help` fast
+    from runner.core.registry import PluginLoadError, load_registry  # keeps --help fast
 
-    # Import errors are reported below, once: keep the registry's log lines quiet.
-    logging.getLogger("a6").addHandler(logging.NullHandler())
-    config = Config(
-        plugin_dirs=plugin_dirs(plugins_dir),
-        builtin_plugins=builtin_plugins,
-    )
+    config = Config(plugin_dirs=plugin_dirs(plugins_dir), examples=examples)
     try:
         registry = load_registry(config)
     except PluginLoadError as exc:
+        if as_json:
+            click.echo(json.dumps({"error": str(exc)}))
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
-    for cls in registry:
-        hooks = [h for h, has in (("on_request", cls.handles_requests()),
-                                  ("on_response", cls.handles_responses())) if has]  # fmt: skip
-        flags = ", ".join(hooks + (["blocking"] if cls.blocking else [])) or "no hooks"
-        click.echo(f"{cls.name}  ({flags})  {_shorten(registry.origin(cls.name))}")
-        if cls.summary():
-            click.echo(f"    {cls.summary()}")
-        config_type = cls.config_type
-        shown = "none" if config_type in (None, type(None)) else describe(config_type)
-        click.echo(f"    config: {shown}")
-    if not len(registry):
-        click.echo("no plugins found")
+    listing = [_describe(cls, registry.origin(cls.name)) for cls in registry]
+    if as_json:
+        errors = [{"origin": o, "reason": r} for o, r in registry.import_errors.items()]
+        click.echo(json.dumps({"plugins": listing, "import_errors": errors}, indent=2))
+    else:
+        for plugin in listing:
+            flags = ", ".join(plugin["hooks"] + (["blocking"] if plugin["blocking"] else []))
+            click.echo(f"{plugin['name']}  ({flags or 'no hooks'})  {_shorten(plugin['origin'])}")
+            if plugin["summary"]:
+                click.echo(f"    {plugin['summary']}")
+            click.echo(f"    config: {plugin['config']}")
+        if not listing:
+            click.echo("no plugins found")
     for origin, reason in registry.import_errors.items():
         click.echo(f"import error: {_shorten(origin)}: {reason}", err=True)
     if registry.import_errors:
         raise SystemExit(1)
+
+
+def _describe(cls: type[Plugin[Any]], origin: str) -> dict[str, Any]:
+    """One plugin of the listing, as plain data (the --json output's items)."""
+    from runner.core.configschema import describe
+
+    hooks = [h for h, has in (("on_request", cls.handles_requests()),
+                              ("on_response", cls.handles_responses())) if has]  # fmt: skip
+    config_type = cls.config_type
+    return {
+        "name": cls.name,
+        "hooks": hooks,
+        "blocking": cls.blocking,
+        "summary": cls.summary(),
+        "config": "none" if config_type in (None, type(None)) else describe(config_type),
+        "origin": origin,
+    }
 
 
 @click.command("new-plugin")
@@ -79,7 +95,9 @@ def new_plugin_command(name: str, directory: str, force: bool) -> None:
     """Write a commented skeleton plugin NAME and its test.
 
     NAME is how routes will refer to the plugin, e.g. `my-auth`: it gives
-    `my_auth.py` (class MyAuth) and `test_my_auth.py`.
+    `my_auth.py` (class MyAuth) and `tests/test_my_auth.py`. The test sits in a
+    subdirectory so that pytest never puts the plugin directory on sys.path, where
+    a plugin named like a module (json, jwt) would shadow it.
     """
     if not PLUGIN_NAME.fullmatch(name):
         raise click.BadParameter(
@@ -89,42 +107,33 @@ def new_plugin_command(name: str, directory: str, force: bool) -> None:
     module = name.replace("-", "_")
     if keyword.iskeyword(module):
         raise click.BadParameter(f"{module!r} is a Python keyword", param_hint="NAME")
-    builtin = _builtin_names()
-    if name in builtin:
+    if module.startswith("test_"):
         raise click.BadParameter(
-            f"a bundled example plugin is already named {name!r}; choose another name",
-            param_hint="NAME",
+            "the runner skips modules named test_*.py; choose another name", param_hint="NAME"
         )
     cls = "".join(part.capitalize() for part in re.split(r"[-_]", name))
     target = Path(directory)
     files = {
         target / f"{module}.py": PLUGIN_TEMPLATE.format(name=name, cls=cls),
-        target / f"test_{module}.py": TEST_TEMPLATE.format(name=name, cls=cls, module=module),
+        target / "tests" / f"test_{module}.py": TEST_TEMPLATE.format(
+            name=name, cls=cls, module=module
+        ),
     }
     existing = [str(p) for p in files if p.exists()]
     if existing and not force:
         raise click.ClickException(
             f"{', '.join(existing)} already exist(s); use --force to overwrite"
         )
-    target.mkdir(parents=True, exist_ok=True)
     for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         click.echo(f"wrote {path}")
     click.echo(
         "next:\n"
-        f"  pytest {target / f'test_{module}.py'}\n"
+        f"  pytest {target / 'tests' / f'test_{module}.py'}\n"
         f"  a6-runner run --plugins-dir {target} --reload\n"
         f'  and on a route: {{"name": "{name}", "value": "{{}}"}}'
     )
-
-
-def _builtin_names() -> set[str]:
-    from runner.core.registry import PluginRegistry
-    from runner.server.lifecycle import BUILTIN_PACKAGE
-
-    registry = PluginRegistry()
-    registry.load_package(BUILTIN_PACKAGE)
-    return set(registry.names())
 
 
 def _shorten(origin: str) -> str:
@@ -139,7 +148,7 @@ def _shorten(origin: str) -> str:
 # The skeleton is a template, not an example: it must pass ruff and mypy --strict as
 # written, and its test must pass as written.
 PLUGIN_TEMPLATE = '''\
-"""``{name}``: what this plugin does, in one line (shown by `a6-runner plugins`)."""
+"""``{name}``: what this plugin does and how to configure it."""
 
 from __future__ import annotations
 
@@ -165,7 +174,10 @@ class {cls}Config:
 
 
 class {cls}(Plugin[{cls}Config]):
-    """Adds a header to every request; optionally requires a query argument."""
+    """Adds a header to every request; optionally requires a query argument.
+
+    The first line of this docstring is the summary `a6-runner plugins` shows.
+    """
 
     name = "{name}"
     # Set to True if the hooks call blocking code (a synchronous HTTP client or
@@ -198,10 +210,13 @@ TEST_TEMPLATE = '''\
 
 from __future__ import annotations
 
-import pytest
-from runner.testing import PluginConfigError, prepare, run_request
+from pathlib import Path
 
-from {module} import {cls}
+import pytest
+from runner.testing import PluginConfigError, load_plugin, prepare, run_request
+
+# Imported exactly as the runner imports it (under a private name, not from sys.path).
+{cls} = load_plugin(Path(__file__).parent.parent / "{module}.py")
 
 
 def test_it_adds_the_configured_header() -> None:

@@ -45,7 +45,7 @@ class FakeGateway:
 
 
 def make_dispatcher() -> Dispatcher:
-    config = Config(plugin_dirs=(FIXTURE_PLUGINS,))
+    config = Config(plugin_dirs=(FIXTURE_PLUGINS,), examples=True)
     cache: ConfCache[Chain] = ConfCache(ttl=60, maxsize=100)
     return Dispatcher(load_registry(config), cache, call_timeout=1.0)
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from plugins.api_key import ApiKey
-from runner.testing import PluginConfigError, prepare, run_request
+from runner.testing import PluginConfigError, load_plugin, prepare, run_request
+
+# Imported as the runner imports it: see runner.testing.load_plugin.
+EXAMPLES = Path(__file__).parents[2] / "plugins"
+ApiKey = load_plugin(EXAMPLES / "api_key.py")
 
 KEYS = {"keys": ["s3cret", "other-key"]}
 

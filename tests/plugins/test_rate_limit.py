@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from plugins.rate_limit import RateLimit
-from runner.testing import PluginConfigError, prepare, run_request
+from runner.testing import PluginConfigError, load_plugin, prepare, run_request
+
+# Imported as the runner imports it: see runner.testing.load_plugin.
+EXAMPLES = Path(__file__).parents[2] / "plugins"
+RateLimit = load_plugin(EXAMPLES / "rate_limit.py")
 
 
 def test_requests_over_the_burst_get_429_with_retry_after() -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from plugins.redact_body import RedactBody
-from runner.testing import PluginConfigError, prepare, run_request
+from runner.testing import PluginConfigError, load_plugin, prepare, run_request
+
+# Imported as the runner imports it: see runner.testing.load_plugin.
+EXAMPLES = Path(__file__).parents[2] / "plugins"
+RedactBody = load_plugin(EXAMPLES / "redact_body.py")
 
 JSON = {"content-type": "application/json; charset=utf-8"}
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from plugins.request_info import RequestInfo
-from runner.testing import PluginConfigError, prepare, run_request
+from runner.testing import PluginConfigError, load_plugin, prepare, run_request
+
+# Imported as the runner imports it: see runner.testing.load_plugin.
+EXAMPLES = Path(__file__).parents[2] / "plugins"
+RequestInfo = load_plugin(EXAMPLES / "request_info.py")
 
 
 def test_by_default_the_client_address_is_passed_upstream() -> None:

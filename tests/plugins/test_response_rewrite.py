@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from plugins.response_rewrite import ResponseRewrite
-from runner.testing import PluginConfigError, prepare, run_response
+from runner.testing import PluginConfigError, load_plugin, prepare, run_response
+
+# Imported as the runner imports it: see runner.testing.load_plugin.
+EXAMPLES = Path(__file__).parents[2] / "plugins"
+ResponseRewrite = load_plugin(EXAMPLES / "response_rewrite.py")
 
 UPSTREAM = [("Content-Type", "text/html"), ("Server", "backend-7"), ("X-Debug", "on")]
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from plugins.rewrite import Rewrite
-from runner.testing import PluginConfigError, prepare, run_request
+from runner.testing import PluginConfigError, load_plugin, prepare, run_request
+
+# Imported as the runner imports it: see runner.testing.load_plugin.
+EXAMPLES = Path(__file__).parents[2] / "plugins"
+Rewrite = load_plugin(EXAMPLES / "rewrite.py")
 
 
 def test_an_empty_config_lets_the_request_pass_untouched() -> None:

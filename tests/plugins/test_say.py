@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from plugins.say import Say
-from runner.testing import PluginConfigError, prepare, run_request
+from runner.testing import PluginConfigError, load_plugin, prepare, run_request
+
+# Imported as the runner imports it: see runner.testing.load_plugin.
+EXAMPLES = Path(__file__).parents[2] / "plugins"
+Say = load_plugin(EXAMPLES / "say.py")
 
 
 def test_by_default_it_answers_200_with_a_greeting() -> None:

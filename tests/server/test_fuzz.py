@@ -214,7 +214,7 @@ class FakeGateway:
 
 
 def _dispatcher() -> Dispatcher:
-    config = Config(plugin_dirs=(FIXTURE_PLUGINS,))
+    config = Config(plugin_dirs=(FIXTURE_PLUGINS,), examples=True)
     cache: ConfCache[Chain] = ConfCache(ttl=3600, maxsize=1000)
     return Dispatcher(load_registry(config), cache, call_timeout=5.0)
 

@@ -63,6 +63,7 @@ class RunnerProcess:
             "APISIX_LISTEN_ADDRESS": f"unix:{sock}",
             "APISIX_CONF_EXPIRE_TIME": "3600",
             "A6_RUNNER_PLUGINS_DIR": str(FIXTURE_PLUGINS),
+            "A6_RUNNER_EXAMPLES": "true",  # the tests call say, beside the fixtures
             **(env or {}),
         }
         with self.log_path.open("wb") as log:

@@ -338,6 +338,7 @@ async def soak(args: argparse.Namespace) -> int:
         "APISIX_LISTEN_ADDRESS": f"unix:{sock}",
         "APISIX_CONF_EXPIRE_TIME": "3600",
         "A6_RUNNER_PLUGINS_DIR": str(FIXTURE_PLUGINS),
+        "A6_RUNNER_EXAMPLES": "true",
         "A6_RUNNER_CALL_TIMEOUT": str(CALL_TIMEOUT),
         "A6_RUNNER_MAX_CONFS": str(MAX_CONFS),
         "A6_RUNNER_MAX_FRAME_SIZE": str(MAX_FRAME),
