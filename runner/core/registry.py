@@ -65,7 +65,10 @@ def examples_dir() -> Path:
     # plugin directory, like any other, never as the package `runner.examples`.
     spec = importlib.util.find_spec(EXAMPLES_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise PluginLoadError(f"the example plugins ({EXAMPLES_PACKAGE}) are not installed")
+        raise PluginLoadError(
+            f"the example plugins ({EXAMPLES_PACKAGE}) are not installed: reinstall "
+            "a6-runner (in a checkout: pip install -e . again)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -126,7 +129,9 @@ class _PluginFinder(importlib.abc.MetaPathFinder):
 
     @classmethod
     def install(cls) -> None:
-        # First, so that the path finder does not load our modules with bytecode caches.
+        # Once per process, and first: the path finder would otherwise load our modules
+        # (with bytecode caches). Names outside the private namespace get None at once,
+        # so no other import is affected.
         if not any(isinstance(finder, cls) for finder in sys.meta_path):
             sys.meta_path.insert(0, cls())
 

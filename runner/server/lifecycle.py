@@ -26,8 +26,6 @@ log = logging.getLogger("a6.app")
 
 BLOCKING_THREADS = "a6-blocking"
 
-__all__ = ["build_dispatcher", "load_registry", "run", "serve", "serve_reloading"]
-
 
 def build_dispatcher(config: Config, registry: PluginRegistry) -> Dispatcher:
     cache: ConfCache[Chain] = ConfCache(ttl=config.conf_ttl, maxsize=config.max_confs)

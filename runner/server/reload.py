@@ -12,7 +12,8 @@ plugins keep serving, untouched, and one line says why; the next change tries ag
 
 Every registry imports the plugin files under a private namespace of its own (see
 ``runner.core.registry``), so a reload imports new versions beside the old ones and
-the old ones stay as they were until nothing uses them.
+leaves the old ones as they were: calls in flight finish with them, and after a
+failed reload they serve on.
 
 Meant for development: each reload re-runs every plugin module's top-level code,
 drops per-route plugin state (rate-limit buckets, caches) and keeps the previous
@@ -83,13 +84,15 @@ class Reloader:
 
     def reload(self, changed: Iterable[str] = ()) -> bool:
         """Import the plugins again; swap the result in only if all is well."""
-        what = ", ".join(Path(p).name for p in changed) or "request"
-        return reload_plugins(self.dispatcher, self._load, f"a change to {what}")
+        names = ", ".join(Path(p).name for p in changed)
+        why = f"a change to {names}" if names else "a request"
+        return reload_plugins(self.dispatcher, self._load, why)
 
     def reload_now(self) -> bool:
-        """Import the plugins again now, changed or not (e.g. on SIGHUP)."""
+        """Import the plugins again now, changed or not (e.g. on SIGHUP); a change seen
+        by this reload is not reloaded a second time by the next check."""
         self._seen = self.scan()
-        return reload_plugins(self.dispatcher, self._load, "a request")
+        return self.reload()
 
     async def run(self) -> None:
         """Check every ``interval`` seconds until cancelled."""

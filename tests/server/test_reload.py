@@ -15,8 +15,8 @@ import pytest
 
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
+from runner.core.registry import load_registry
 from runner.protocol.messages import ErrCode
-from runner.server.lifecycle import load_registry
 from runner.server.reload import Reloader
 from runner.tools.client import Connection, RunnerError, wait_for_socket
 from runner.tools.refcodec import StopAction
