@@ -102,6 +102,26 @@ def test_plugins_refuses_two_plugins_with_one_name(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["plugins", "--plugins-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "two plugins are named 'good'" in result.stderr
+    as_json = CliRunner().invoke(main, ["plugins", "--json", "--plugins-dir", str(tmp_path)])
+    assert as_json.exit_code == 2
+    assert "two plugins are named 'good'" in json.loads(as_json.stdout)["error"]
+
+
+def test_plugins_serves_the_examples_as_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "good.py").write_text(GOOD)
+
+    def names(*args: str) -> list[str]:
+        result = invoke("plugins", "--json", *args)
+        assert result.exit_code == 0, result.output
+        return [plugin["name"] for plugin in json.loads(result.stdout)["plugins"]]
+
+    assert "say" in names()
+    assert names("--plugins-dir", str(tmp_path)) == ["good"]
+    assert "say" in names("--plugins-dir", str(tmp_path), "--examples")
+    monkeypatch.setenv("A6_RUNNER_EXAMPLES", "false")
+    assert names() == []
 
 
 def test_new_plugin_writes_a_plugin_and_a_test_that_passes(tmp_path: Path) -> None:
