@@ -171,7 +171,7 @@ def test_new_plugin_refuses_names_that_would_not_work(
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["json", "jwt", "runner"])
+@pytest.mark.parametrize("name", ["json", "jwt", "runner", "click"])
 async def test_new_plugin_named_like_a_module_or_an_example_works_in_tests_and_in_the_runner(
     tmp_path: Path, sock_dir: Path, name: str
 ) -> None:
