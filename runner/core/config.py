@@ -377,6 +377,9 @@ def _setting(name: str) -> Setting:
 def settings() -> Iterator[tuple[str, Setting]]:
     """``(field name, Setting)`` of every Config field, in declaration order."""
     for f in fields(Config):
+        if "setting" not in f.metadata:
+            # Without it the field would have no option, variable or file key.
+            raise TypeError(f"Config.{f.name} must be declared with setting(...)")
         yield f.name, f.metadata["setting"]
 
 

@@ -113,6 +113,9 @@ async def serve_reloading(config: Config, dispatcher: Dispatcher) -> None:
 
 def run(config: Config) -> int:
     """Run the runner until a signal; returns the process exit status."""
+    # Until serve() installs its handler, a SIGHUP (a reload request) must not kill the
+    # starting runner the way its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if config.reload:
         # Bytecode caches are keyed by whole-second mtimes: a quick edit could reload stale code.
         sys.dont_write_bytecode = True
