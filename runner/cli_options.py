@@ -139,7 +139,8 @@ builtin_plugins_option = config_option("builtin_plugins")
 
 def plugin_dirs(values: Iterable[str] | str | None) -> tuple[Path, ...]:
     """The ``--plugins-dir`` values as paths (each checked to be a directory)."""
+    raw: object = values if isinstance(values, str) else list(values or ())
     try:
-        return parse_paths(list(values) if not isinstance(values, str) and values else values or [])
+        return parse_paths(raw)
     except ValueError as exc:
         raise ConfigFailure(f"--plugins-dir: {exc}") from None

@@ -73,7 +73,7 @@ async def serve(
     # As gunicorn does: new plugin code without dropping the socket. SIGHUP's default
     # action would kill the runner silently and leave its socket file behind. A failed
     # reload keeps the old plugins serving; the reloader logs one line either way.
-    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    loop.add_signal_handler(signal.SIGHUP, reload_on_signal, reloader)
     log.info(
         "a6-runner %s listening on unix:%s (pid %d; plugins: %s)",
         __version__,
@@ -95,6 +95,14 @@ async def serve(
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+def reload_on_signal(reloader: Reloader) -> None:
+    try:
+        reloader.reload()
+    except Exception:
+        # A reload request must never end the runner: the previous plugins keep serving.
+        log.exception("reload on SIGHUP failed; the previous plugins keep serving")
 
 
 async def serve_reloading(config: Config, dispatcher: Dispatcher) -> None:
