@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from runner import __version__
-from runner.cli_options import config_from_options, config_options
+from runner.cli_options import SettingsCommand, config_from_options, config_options
 from runner.core.config import Config, option_name, settings
 
 # name -> "module:attribute" of the commands imported only when used.
@@ -65,7 +65,7 @@ def main() -> None:
     """a6-runner: run Python plugins for the Apache APISIX gateway (ext-plugin)."""
 
 
-@main.command()
+@main.command(cls=SettingsCommand)
 @config_options()
 @click.pass_context
 def run(ctx: click.Context, /, **_options: Any) -> None:
@@ -79,7 +79,7 @@ def run(ctx: click.Context, /, **_options: Any) -> None:
     raise SystemExit(run_runner(config))
 
 
-@main.command("config")
+@main.command("config", cls=SettingsCommand)
 @click.option(
     "--example",
     is_flag=True,

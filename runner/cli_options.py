@@ -39,6 +39,17 @@ class ConfigFailure(click.ClickException):
     exit_code = 2
 
 
+class SettingsCommand(click.Command):
+    """A command whose bad setting, even one that click itself parses (an on/off
+    environment variable), is one line, as the gateway's error.log shows it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as exc:
+            raise ConfigFailure(exc.format_message()) from None
+
+
 def _flag(name: str) -> str:
     return "--" + option_name(name).replace("_", "-")
 

@@ -158,6 +158,7 @@ def test_a_toml_octal_socket_mode_is_that_mode(captured: list[Config], tmp_path:
         ([], {"A6_RUNNER_MAX_CONFS": "0"}, "A6_RUNNER_MAX_CONFS: must be >= 1 (got 0)"),
         (["--socket-mode", "999"], {}, "--socket-mode: '999' is not an octal file mode"),
         (["--call-timeout", "fast"], {}, "--call-timeout: 'fast' is not a number"),
+        ([], {"A6_RUNNER_BUILTIN_PLUGINS": "maybe"}, "A6_RUNNER_BUILTIN_PLUGINS"),
     ],
 )
 def test_a_value_out_of_range_names_its_setting(

@@ -92,6 +92,9 @@ def parse_mode(raw: object) -> int:
     """An octal file mode: the string "0766" (or "766", "0o766"), or a TOML integer,
     which is only unambiguous written as ``0o766``."""
     if isinstance(raw, int) and not isinstance(raw, bool):
+        if raw > 0o777 and set(str(raw)) <= set("01234567"):
+            # TOML reads 770 as the decimal number, not the mode: say how to write it.
+            raise ValueError(f'{raw} is a decimal number; write the mode as "0{raw}" or 0o{raw}')
         return raw
     if isinstance(raw, str):
         text = raw.strip().lower().removeprefix("0o")

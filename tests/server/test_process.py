@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from runner import __version__
 from runner.protocol.messages import ErrCode
 from runner.tools.client import Connection, ProtocolViolation, RunnerError, wait_for_socket
 from runner.tools.refcodec import StopAction
@@ -369,6 +370,7 @@ async def test_sighup_reloads_the_plugins_and_a_failed_reload_keeps_the_old_ones
     env = {"A6_RUNNER_PLUGINS_DIR": str(plugins)}
     async with running(sock, "--no-builtin-plugins", env=env) as runner:
         assert await hup_answer(sock) == b"v1"
+        assert f"a6-runner {__version__} listening on unix:{sock}" in runner.output
         # Another size: a bytecode cache written within the same second as the edit
         # would otherwise look current.
         write_hup_plugin(plugins, HUP_PLUGIN.format(body="second"))
