@@ -1,174 +1,117 @@
-"""The command line: translates options (and their environment variables) into a Config."""
+"""The command line: translates options (and their environment variables) into a Config
+and calls the server. The options of ``run`` are generated from Config's fields
+(runner/cli_options.py).
+
+``a6-runner run`` is what the gateway starts: it imports the server and nothing of the
+tools (bench, client, scaffold), which load only when their own command runs.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
+from importlib import resources
 from typing import Any
 
 import click
 
 from runner import __version__
-from runner.cli_options import (
-    config_file_option,
-    examples_option,
-    plugin_dirs,
-    plugins_dir_option,
-)
-from runner.core.config import DEFAULT_SOCKET, Config
-from runner.core.logs import setup_logging
-from runner.protocol.frame import MAX_PAYLOAD
-from runner.tools.bench import bench
-from runner.tools.scaffold import new_plugin_command, plugins_command
+from runner.cli_options import SettingsCommand, config_from_options, config_options
+from runner.core.config import Config, option_name, settings
+
+# name -> "module:attribute" of the commands imported only when used.
+LAZY_COMMANDS = {
+    "bench": "runner.tools.bench:bench",
+    "new-plugin": "runner.tools.scaffold:new_plugin_command",
+    "plugins": "runner.tools.scaffold:plugins_command",
+}
+
+EXAMPLE_CONFIG = "a6-runner.toml"
 
 
-def _mode(value: Any) -> int:
-    if isinstance(value, int):
-        return value
-    try:
-        return int(str(value), 8)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an octal file mode such as 0766") from None
+class LazyGroup(click.Group):
+    """A group whose ``LAZY_COMMANDS`` are imported when one of them is run (or listed)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS and cmd_name not in self.commands:
+            module, _, attr = LAZY_COMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # click cuts each summary at about 45 characters; a summary is one sentence that
+        # the formatter can wrap, so show all of it.
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            text = command.short_help or inspect.cleandoc(command.help or "").split("\n\n")[0]
+            rows.append((name, " ".join(text.split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="a6-runner")
 def main() -> None:
     """a6-runner: run Python plugins for the Apache APISIX gateway (ext-plugin)."""
 
 
-@main.command()
-@config_file_option
-@click.option(
-    "--listen",
-    envvar="APISIX_LISTEN_ADDRESS",
-    default=DEFAULT_SOCKET,
-    show_default=True,
-    show_envvar=True,
-    help="Unix socket to serve, as a path or unix:/path. The gateway sets it.",
-)
-@click.option(
-    "--conf-expire-time",
-    envvar="APISIX_CONF_EXPIRE_TIME",
-    type=float,
-    default=3600.0,
-    show_default=True,
-    show_envvar=True,
-    help="Seconds the gateway caches a conf token. Confs are kept 300 s longer.",
-)
-@plugins_dir_option
-@examples_option
-@click.option(
-    "--log-level",
-    envvar="A6_RUNNER_LOG_LEVEL",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    show_envvar=True,
-    help="Lowest level logged to stderr.",
-)
-@click.option(
-    "--call-timeout",
-    envvar="A6_RUNNER_CALL_TIMEOUT",
-    type=float,
-    default=50.0,
-    show_default=True,
-    show_envvar=True,
-    help="Seconds one call's plugin chain may take before it fails with an error "
-    "(the gateway itself gives up after 60 s).",
-)
-@click.option(
-    "--shutdown-grace",
-    envvar="A6_RUNNER_SHUTDOWN_GRACE",
-    type=float,
-    default=0.5,
-    show_default=True,
-    show_envvar=True,
-    help="Seconds calls in flight get to finish on SIGTERM (the gateway kills "
-    "the runner 1 s after SIGTERM).",
-)
-@click.option(
-    "--max-connections",
-    envvar="A6_RUNNER_MAX_CONNECTIONS",
-    type=int,
-    default=4096,
-    show_default=True,
-    show_envvar=True,
-    help="Connections served at once; more are refused.",
-)
-@click.option(
-    "--max-frame-size",
-    envvar="A6_RUNNER_MAX_FRAME_SIZE",
-    type=int,
-    default=MAX_PAYLOAD,
-    show_default=True,
-    show_envvar=True,
-    help="Largest frame payload accepted or sent, in bytes.",
-)
-@click.option(
-    "--max-confs",
-    envvar="A6_RUNNER_MAX_CONFS",
-    type=int,
-    default=100_000,
-    show_default=True,
-    show_envvar=True,
-    help="Prepared confs kept at most; the least recently used go first.",
-)
-@click.option(
-    "--socket-mode",
-    envvar="A6_RUNNER_SOCKET_MODE",
-    default="0766",
-    show_default=True,
-    show_envvar=True,
-    help="Octal mode of the socket file. Gateway workers often run as another "
-    "user (nobody) and need write access.",
-)
-@click.option(
-    "--socket-group",
-    envvar="A6_RUNNER_SOCKET_GROUP",
-    default=None,
-    show_envvar=True,
-    help="Group to give the socket file, e.g. with --socket-mode 0770 to admit "
-    "only that group's users.",
-)
-@click.option(
-    "--blocking-workers",
-    envvar="A6_RUNNER_BLOCKING_WORKERS",
-    type=int,
-    default=16,
-    show_default=True,
-    show_envvar=True,
-    help="Threads for plugins marked blocking.",
-)
-@click.option(
-    "--reload",
-    is_flag=True,
-    envvar="A6_RUNNER_RELOAD",
-    show_envvar=True,
-    help="Watch plugin directories and re-import changed modules.",
-)
-def run(**options: Any) -> None:
-    """Serve plugins on the gateway's Unix socket until SIGTERM or SIGINT."""
+@main.command(cls=SettingsCommand)
+@config_options()
+@click.pass_context
+def run(ctx: click.Context, /, **_options: Any) -> None:
+    """Serve plugins on the gateway's Unix socket until SIGTERM or SIGINT; SIGHUP
+    reloads the plugins."""
+    config = config_from_options(ctx)
+    from runner.core.logs import setup_logging
     from runner.server.lifecycle import run as run_runner  # keeps `a6-runner --help` fast
 
-    config = Config(
-        listen=options["listen"],
-        conf_expire_time=options["conf_expire_time"],
-        plugin_dirs=plugin_dirs(options["plugins_dir"]),
-        examples=options["examples"],
-        log_level=options["log_level"].lower(),
-        call_timeout=options["call_timeout"],
-        shutdown_grace=options["shutdown_grace"],
-        max_connections=options["max_connections"],
-        max_frame_size=options["max_frame_size"],
-        max_confs=options["max_confs"],
-        socket_mode=_mode(options["socket_mode"]),
-        socket_group=options["socket_group"],
-        blocking_workers=options["blocking_workers"],
-        reload=options["reload"],
-    )
     setup_logging(config.log_level)
     raise SystemExit(run_runner(config))
 
 
-main.add_command(bench)
-main.add_command(plugins_command)
-main.add_command(new_plugin_command)
+@main.command("config", cls=SettingsCommand)
+@click.option(
+    "--example",
+    is_flag=True,
+    help="Print the example config file instead: every setting, its meaning and default.",
+)
+@config_options()
+@click.pass_context
+def config_command(ctx: click.Context, /, example: bool, **_options: Any) -> None:
+    """Print the settings `run` would use, as a config file's [runner] table."""
+    if example:
+        click.echo(resources.files("runner").joinpath(EXAMPLE_CONFIG).read_text(), nl=False)
+        return
+    click.echo(config_as_toml(config_from_options(ctx)), nl=False)
+
+
+def config_as_toml(config: Config) -> str:
+    """``config`` as a ``[runner]`` table that ``--config`` reads back to the same Config."""
+    lines = ["[runner]"]
+    for name, _spec in settings():
+        value = getattr(config, name)
+        key = option_name(name)
+        if value is None:
+            lines.append(f"# {key} =")
+        elif name == "socket_mode":
+            lines.append(f'{key} = "{value:04o}"')
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, tuple):
+            lines.append(f"{key} = {json.dumps([str(v) for v in value])}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            # A JSON string is a valid TOML basic string.
+            lines.append(f"{key} = {json.dumps(str(value))}")
+    return "\n".join(lines) + "\n"

@@ -1,41 +1,348 @@
 """The runner's configuration: one object, filled by the CLI, read by the server.
 
-Nothing else in the runner reads the environment or a config file.
+``Config`` is the one source of every setting's default, meaning and validation: each
+field carries a ``Setting`` (help text, environment variable, parser), from which the
+command line builds its options (``runner/cli.py``) and by whose name a config file sets
+it. Nothing else in the runner reads the environment or a config file.
+
+Adding a setting is adding a field here with ``setting(...)``: its ``--option``, its
+environment variable, its config-file key, its help and its checks follow.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from runner.core.cache import CONF_TTL_MARGIN
+from runner.core.cache import conf_ttl
 from runner.protocol.frame import MAX_PAYLOAD
 
 DEFAULT_SOCKET = "/tmp/runner.sock"
+ENV_PREFIX = "A6_RUNNER_"
+TABLE = "runner"
+
+# sun_path holds 108 bytes on Linux, the terminating NUL included: a longer path cannot
+# be bound at all, and the kernel's own error ("AF_UNIX path too long") names no setting.
+MAX_SOCKET_PATH = 107
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# APISIX SIGKILLs the runner 1 s after SIGTERM. The socket file goes first, then calls in
+# flight get this long; what is left of the second closes the connections, gives idle
+# blocking-plugin threads up to 0.2 s to end (runner/server/lifecycle.py) and exits, so
+# that the gateway never kills us half-way and finds a socket file left behind.
+DEFAULT_SHUTDOWN_GRACE = 0.7
+
+
+class ConfigError(ValueError):
+    """A setting's value is unusable; the message is one line naming the setting and,
+    for a config file, the file."""
+
+
+# -------------------------------------------------------------------- parsers
+# Each takes a value as the command line or the environment give it (a string) or as a
+# TOML file gives it (str, int, float, bool, list) and returns the setting's type, or
+# raises ValueError with a message that the caller prefixes with the setting's name.
+
+
+def parse_float(raw: object) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ValueError(f"{raw!r} is not a number")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{raw!r} is not a finite number")
+    return value
+
+
+def parse_int(raw: object) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ValueError(f"{raw!r} is not a whole number")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a whole number") from None
+
+
+def parse_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{raw!r} is not true or false")
+
+
+def parse_optional_bool(raw: object) -> bool | None:
+    """On, off, or None (auto, the default)."""
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() == "auto"):
+        return None
+    return parse_bool(raw)
+
+
+def parse_str(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"{raw!r} is not a string")
+    return raw
+
+
+def parse_mode(raw: object) -> int:
+    """An octal file mode: the string "0766" (or "766", "0o766"), or a TOML integer,
+    which is only unambiguous written as ``0o766``."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        if raw > 0o777 and set(str(raw)) <= set("01234567"):
+            # TOML reads 770 as the decimal number, not the mode: say how to write it.
+            raise ValueError(f'{raw} is a decimal number; write the mode as "0{raw}" or 0o{raw}')
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip().lower().removeprefix("0o")
+        if text and all(c in "01234567" for c in text):
+            return int(text, 8)
+    raise ValueError(f'{raw!r} is not an octal file mode such as "0766" (TOML: 0o766)')
+
+
+def parse_paths(raw: object) -> tuple[Path, ...]:
+    """Directories: a list, or one string that may join several with ``os.pathsep``."""
+    items: list[object] = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    out: list[Path] = []
+    for item in items:
+        if isinstance(item, os.PathLike):
+            out.append(Path(item))
+        elif isinstance(item, str):
+            out.extend(Path(p) for p in item.split(os.pathsep) if p)
+        else:
+            raise ValueError(f"{item!r} is not a directory path")
+    for path in out:
+        if not path.is_dir():
+            raise ValueError(f"{str(path)!r} is not a directory")
+    return tuple(out)
+
+
+def parse_log_level(raw: object) -> str:
+    text = parse_str(raw).strip().lower()
+    # "warn" is the name APISIX and nginx give this level.
+    text = {"warn": "warning"}.get(text, text)
+    if text not in LOG_LEVELS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(LOG_LEVELS)} (or warn)")
+    return text
+
+
+def known_log_level(value: str) -> None:
+    if value not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+
+
+def parse_optional_str(raw: object) -> str | None:
+    return parse_str(raw) or None
+
+
+# ----------------------------------------------------------------- validators
+# Checks of a parsed value, shared by the parsers above and by Config.check (for a
+# Config built in code). They raise ValueError without the setting's name.
+
+
+def positive(value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be a positive number of seconds (got {value:g})")
+
+
+def non_negative(value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"must be 0 or more seconds (got {value:g})")
+
+
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[int], None]:
+    def check(value: int) -> None:
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"must be {bound} (got {value})")
+
+    return check
+
+
+def file_mode(value: int) -> None:
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"{value:o} (octal) is not a file mode: at most 0777")
+
+
+def unix_socket_address(addr: str) -> None:
+    path = addr.removeprefix("unix:")
+    if not path:
+        raise ValueError("an empty socket path")
+    if "\0" in addr:
+        # A leading NUL would make an abstract socket: no file, so no mode or group
+        # could keep other users (or other network namespaces' peers) out.
+        raise ValueError(f"{addr!r} holds a NUL byte; give a file path")
+    if ":" in path and not path.startswith("/"):
+        raise ValueError(
+            f"{addr!r} is not a unix socket path (the runner never listens on a network address)"
+        )
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"the socket path is {size} bytes long; a Unix socket path holds at most "
+            f"{MAX_SOCKET_PATH}: choose a shorter one"
+        )
+
+
+def _no_check(_value: Any) -> None:
+    pass
+
+
+# ------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """How one Config field is set from outside: the CLI and the config file read this."""
+
+    help: str
+    parse: Callable[[object], Any]
+    check: Callable[[Any], None] = _no_check
+    metavar: str | None = None
+    # The option is --<option with dashes>, the file key <option> (or the field's name);
+    # the environment variable defaults to A6_RUNNER_<OPTION>.
+    option: str | None = None
+    env: str | None = None
+    # A boolean shown as --x/--no-x; a repeatable option.
+    flag: bool = False
+    multiple: bool = False
+    # The default as the help shows it; None shows none.
+    show: Callable[[Any], str | None] = str
+
+
+def setting(default: Any, **kwargs: Any) -> Any:
+    """A Config field with its Setting (see ``Setting`` for the arguments)."""
+    meta = {"setting": Setting(**kwargs)}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple")
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Every setting of ``a6-runner run``; see ``conf/a6-runner.toml`` for each one's meaning."""
+    """Every setting of ``a6-runner run``; ``a6-runner config --example`` documents each."""
 
-    listen: str = DEFAULT_SOCKET
-    conf_expire_time: float = 3600.0
-    plugin_dirs: tuple[Path, ...] = ()
-    # None: serve the examples only if there is no plugin directory and no entry point.
-    examples: bool | None = None
-    log_level: str = "info"
-    call_timeout: float = 50.0
-    shutdown_grace: float = 0.5
-    max_connections: int = 4096
-    max_frame_size: int = MAX_PAYLOAD
-    max_confs: int = 100_000
-    socket_mode: int = 0o766
-    socket_group: str | None = None
-    blocking_workers: int = 16
-    reload: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    listen: str = setting(
+        DEFAULT_SOCKET,
+        env="APISIX_LISTEN_ADDRESS",
+        metavar="PATH",
+        parse=parse_str,
+        check=unix_socket_address,
+        help="Unix socket to serve, as a path or unix:/path. The gateway sets it.",
+    )
+    conf_expire_time: float = setting(
+        3600.0,
+        env="APISIX_CONF_EXPIRE_TIME",
+        metavar="SECONDS",
+        parse=parse_float,
+        check=positive,
+        help="Seconds the gateway caches a conf token (the gateway sets it). Confs are kept "
+        "that long again, at most 300 s more, then forgotten if unused.",
+    )
+    plugin_dirs: tuple[Path, ...] = setting(
+        (),
+        option="plugins_dir",
+        metavar="DIR",
+        multiple=True,
+        parse=parse_paths,
+        show=lambda dirs: None,
+        help="Directory of plugin modules to load (repeatable; in the environment "
+        f"variable, separate with '{os.pathsep}').",
+    )
+    # None (auto): serve the examples only if there is no plugin directory and no
+    # entry-point plugin.
+    examples: bool | None = setting(
+        None,
+        flag=True,
+        parse=parse_optional_bool,
+        show=lambda value: "auto" if value is None else str(value).lower(),
+        help="Serve the example plugins shipped with a6-runner (say, rewrite, api-key, ...). "
+        "Default: only when there is no plugin directory and no installed entry-point plugin.",
+    )
+    log_level: str = setting(
+        "info",
+        metavar="[" + "|".join(LOG_LEVELS) + "]",
+        parse=parse_log_level,
+        check=known_log_level,
+        help="Lowest level logged to stderr (warn is warning).",
+    )
+    call_timeout: float = setting(
+        50.0,
+        metavar="SECONDS",
+        parse=parse_float,
+        check=positive,
+        help="Seconds one call's plugin chain may take before it fails with an error "
+        "(the gateway itself gives up after 60 s).",
+    )
+    shutdown_grace: float = setting(
+        DEFAULT_SHUTDOWN_GRACE,
+        metavar="SECONDS",
+        parse=parse_float,
+        check=non_negative,
+        help="Seconds calls in flight get to finish on SIGTERM. The gateway kills the "
+        "runner 1 s after SIGTERM; the rest of that second is for closing and exiting.",
+    )
+    max_connections: int = setting(
+        4096,
+        metavar="N",
+        parse=parse_int,
+        check=at_least(1),
+        help="Connections served at once; more are refused.",
+    )
+    max_frame_size: int = setting(
+        MAX_PAYLOAD,
+        metavar="BYTES",
+        parse=parse_int,
+        check=at_least(1, MAX_PAYLOAD),
+        help="Largest frame payload accepted or sent, in bytes.",
+    )
+    max_confs: int = setting(
+        100_000,
+        metavar="N",
+        parse=parse_int,
+        check=at_least(1),
+        help="Prepared confs kept at most; the least recently used go first.",
+    )
+    socket_mode: int = setting(
+        0o766,
+        metavar="MODE",
+        parse=parse_mode,
+        check=file_mode,
+        show=lambda mode: f"{mode:04o}",
+        help="Octal mode of the socket file. Gateway workers often run as another "
+        "user (nobody) and need write access.",
+    )
+    socket_group: str | None = setting(
+        None,
+        metavar="GROUP",
+        parse=parse_optional_str,
+        show=lambda group: group,
+        help="Group to give the socket file, e.g. with --socket-mode 0770 to admit "
+        "only that group's users.",
+    )
+    blocking_workers: int = setting(
+        16,
+        metavar="N",
+        parse=parse_int,
+        check=at_least(1),
+        help="Threads for plugins marked blocking.",
+    )
+    reload: bool = setting(
+        False,
+        flag=True,
+        parse=parse_bool,
+        help="Watch plugin directories and re-import changed modules.",
+    )
 
     @property
     def socket_path(self) -> Path:
@@ -44,46 +351,101 @@ class Config:
 
     @property
     def conf_ttl(self) -> float:
-        return self.conf_expire_time + CONF_TTL_MARGIN
+        return conf_ttl(self.conf_expire_time)
 
     def check(self) -> None:
-        """Refuse settings that would make the runner misbehave under the gateway."""
-        addr = self.listen
-        if not addr.removeprefix("unix:"):
-            raise ValueError("listen: an empty socket path")
-        if "\0" in addr:
-            # A leading NUL would make an abstract socket: no file, so no mode or group
-            # could keep other users (or other network namespaces' peers) out.
-            raise ValueError(f"listen: {addr!r} holds a NUL byte; give a file path")
-        if ":" in addr.removeprefix("unix:") and not addr.removeprefix("unix:").startswith("/"):
-            raise ValueError(
-                f"listen: {addr!r} is not a unix socket path (the runner never "
-                "listens on a network address)"
-            )
-        if not 1 <= self.max_frame_size <= MAX_PAYLOAD:
-            raise ValueError(f"max_frame_size must be between 1 and {MAX_PAYLOAD}")
-        if self.call_timeout <= 0 or self.conf_expire_time <= 0:
-            raise ValueError("call_timeout and conf_expire_time must be positive")
-        if self.max_connections < 1 or self.max_confs < 1 or self.blocking_workers < 1:
-            raise ValueError("max_connections, max_confs and blocking_workers must be >= 1")
-        if not 0 <= self.socket_mode <= 0o777:
-            raise ValueError(f"socket_mode {self.socket_mode:o} is not a file mode")
+        """Refuse settings that would make the runner misbehave under the gateway
+        (ConfigError names the setting)."""
+        for name, spec in settings():
+            try:
+                spec.check(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
 
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """The ``[runner]`` table of a TOML config file, keys as in Config.
-
-    Unknown keys are an error, so that a typo does not silently keep a default.
-    """
-    with path.open("rb") as f:
-        data = tomllib.load(f)
-    table = data.get("runner", {})
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: [runner] must be a table")
-    known = {f.name for f in fields(Config)} - {"extra"}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+    @classmethod
+    def from_values(cls, values: Mapping[str, tuple[object, str]]) -> Config:
+        """A checked Config from raw values, ``field name -> (value, where)``; ``where``
+        names the value's origin in errors (an option, a variable, a file's key)."""
+        return cls(
+            **{name: cls.parse_value(name, raw, where) for name, (raw, where) in values.items()}
         )
-    return table
+
+    @staticmethod
+    def parse_value(name: str, raw: object, where: str) -> Any:
+        """Field ``name``'s value from ``raw`` (a string, or a TOML value), checked;
+        ConfigError prefixed with ``where``."""
+        spec = _setting(name)
+        try:
+            value = spec.parse(raw)
+            spec.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return value
+
+
+def _setting(name: str) -> Setting:
+    spec: Setting = Config.__dataclass_fields__[name].metadata["setting"]
+    return spec
+
+
+def settings() -> Iterator[tuple[str, Setting]]:
+    """``(field name, Setting)`` of every Config field, in declaration order."""
+    for f in fields(Config):
+        if "setting" not in f.metadata:
+            # Without it the field would have no option, variable or file key.
+            raise TypeError(f"Config.{f.name} must be declared with setting(...)")
+        yield f.name, f.metadata["setting"]
+
+
+def option_name(name: str) -> str:
+    """The option (and file key) of a field: ``plugin_dirs`` -> ``plugins_dir``."""
+    return _setting(name).option or name
+
+
+def env_var(name: str) -> str:
+    return _setting(name).env or ENV_PREFIX + option_name(name).upper()
+
+
+def default(name: str) -> Any:
+    value = Config.__dataclass_fields__[name].default
+    assert value is not MISSING
+    return value
+
+
+def read_config_file(path: Path) -> dict[str, tuple[object, str]]:
+    """The settings of a TOML file's ``[runner]`` table: ``field name -> (value, where)``.
+
+    A key is a field's name or its option's (``plugin_dirs`` or ``plugins_dir``). Unknown
+    keys and tables are errors, so that a typo does not silently keep a default.
+    """
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    others = sorted(set(data) - {TABLE})
+    if others:
+        raise ConfigError(
+            f"{path}: unknown table or key {', '.join(others)}; settings go in a [{TABLE}] table"
+        )
+    table = data.get(TABLE, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {TABLE} must be a table: [{TABLE}]")
+    keys: dict[str, str] = {}
+    for name, _spec in settings():
+        keys[name] = name
+        keys[option_name(name)] = name
+    out: dict[str, tuple[object, str]] = {}
+    for key, value in table.items():
+        found = keys.get(key)
+        if found is None:
+            raise ConfigError(
+                f"{path}: unknown setting {key!r} in [{TABLE}]; known: "
+                + ", ".join(option_name(n) for n, _ in settings())
+            )
+        if found in out:
+            raise ConfigError(f"{path}: {key} set twice (as {out[found][1].split(': ')[-1]})")
+        out[found] = (value, f"{path}: {key}")
+    return out

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
 
+from runner import __version__
 from runner.core.cache import ConfCache
 from runner.core.chain import Chain
 from runner.core.config import Config
@@ -39,16 +40,33 @@ def build_dispatcher(config: Config, registry: PluginRegistry) -> Dispatcher:
     )
 
 
-async def serve(config: Config, dispatcher: Dispatcher, ready: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(
+    config: Config,
+    dispatcher: Dispatcher,
+    ready: asyncio.Event | None = None,
+    reloader: Reloader | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the plugins."""
     server = RunnerServer(config, dispatcher)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        # The socket functions turn the failures they expect into StartupError; any
+        # other one still deserves one line rather than a traceback.
+        raise StartupError(f"cannot listen on {config.socket_path}: {exc.strerror or exc}") from exc
+    if reloader is None:
+        reloader = Reloader(config.plugin_dirs, dispatcher, lambda: load_registry(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # As gunicorn does: new plugin code without dropping the socket. SIGHUP's default
+    # action would kill the runner silently and leave its socket file behind. A failed
+    # reload keeps the old plugins serving; the reloader logs one line either way.
+    loop.add_signal_handler(signal.SIGHUP, reload_on_signal, reloader)
     log.info(
-        "listening on unix:%s (pid %d; plugins: %s)",
+        "a6-runner %s listening on unix:%s (pid %d; plugins: %s)",
+        __version__,
         config.socket_path,
         os.getpid(),
         ", ".join(dispatcher.registry.names()) or "none",
@@ -64,9 +82,17 @@ async def serve(config: Config, dispatcher: Dispatcher, ready: asyncio.Event | N
         try:
             await server.stop()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+def reload_on_signal(reloader: Reloader) -> None:
+    try:
+        reloader.reload()
+    except Exception:
+        # A reload request must never end the runner: the previous plugins keep serving.
+        log.exception("reload on SIGHUP failed; the previous plugins keep serving")
 
 
 async def serve_reloading(config: Config, dispatcher: Dispatcher) -> None:
@@ -78,13 +104,16 @@ async def serve_reloading(config: Config, dispatcher: Dispatcher) -> None:
         log.info("reload: watching %s", ", ".join(str(d) for d in reloader.directories))
     watcher = asyncio.get_running_loop().create_task(reloader.run())
     try:
-        await serve(config, dispatcher)
+        await serve(config, dispatcher, reloader=reloader)
     finally:
         watcher.cancel()
 
 
 def run(config: Config) -> int:
     """Run the runner until a signal; returns the process exit status."""
+    # Until serve() installs its handler, a SIGHUP (a reload request) must not kill the
+    # starting runner the way its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config.check()
         registry = load_registry(config)

@@ -120,6 +120,9 @@ def prepare_socket_path(path: Path) -> None:
         st = path.lstat()
     except FileNotFoundError:
         return
+    except OSError as exc:
+        # NotADirectoryError, PermissionError, ELOOP...: say which path and why.
+        raise StartupError(f"cannot use the socket path {path}: {exc.strerror or exc}") from exc
     if not stat.S_ISSOCK(st.st_mode):
         raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -154,9 +157,16 @@ def make_socket_dir(directory: Path) -> None:
     write there (and so replace our socket). An existing directory is left as it is.
     """
     missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
+    try:
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+    except OSError as exc:
+        raise StartupError(
+            f"cannot look up the socket's directory {directory}: {exc.strerror}"
+        ) from exc
+    if not directory.is_dir():
+        raise StartupError(f"cannot create the socket in {directory}: it is not a directory")
     for d in reversed(missing):
         try:
             d.mkdir()

@@ -8,7 +8,6 @@ import json
 import logging
 import resource
 import threading
-import tomllib
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from runner.cli import run as run_command
-from runner.core.config import Config
+from runner.core.config import Config, read_config_file
 from runner.protocol.frame import MAX_PAYLOAD, RPC, encode_frame
 from runner.protocol.messages import ErrCode
 from runner.server.listener import RunnerServer, raise_open_file_limit
@@ -61,22 +60,20 @@ def test_the_defaults_fit_the_gateway() -> None:
 
 
 def test_the_documented_defaults_are_the_real_ones() -> None:
-    documented = tomllib.loads((ROOT / "conf" / "a6-runner.toml").read_text())["runner"]
+    shipped = ROOT / "runner" / "a6-runner.toml"
+    documented = read_config_file(shipped)
+    # Every setting is documented (one without a default, commented out), and the file
+    # read back is exactly the defaults.
     defaults = Config()
-    cli = {p.name: p.default for p in run_command.params}
-    for f in fields(Config):
-        if f.name not in documented:
-            continue
-        value = getattr(defaults, f.name)
-        written = documented[f.name]
-        if f.name == "socket_mode":
-            written = int(written, 8)
-        elif f.name == "plugin_dirs":
-            written = tuple(written)
-        assert written == value, f"conf/a6-runner.toml says {f.name} = {written!r}"
-    for name in ("max_connections", "max_frame_size", "call_timeout", "shutdown_grace"):
-        assert cli[name] == getattr(defaults, name), name
-    assert int(cli["socket_mode"], 8) == defaults.socket_mode
+    unset = {f.name for f in fields(Config) if getattr(defaults, f.name) is None}
+    assert set(documented) == {f.name for f in fields(Config)} - unset
+    assert all(f"# {name} = " in shipped.read_text() for name in unset)
+    assert Config.from_values(documented) == Config()
+    # The help shows Config's defaults: the CLI repeats none of its own.
+    shown = {p.name: p.default for p in run_command.params}
+    assert shown["max_connections"] == str(Config().max_connections)
+    assert shown["socket_mode"] == "0766"
+    assert shown["shutdown_grace"] == str(Config().shutdown_grace)
 
 
 @pytest.mark.parametrize(

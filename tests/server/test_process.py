@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from runner import __version__
 from runner.protocol.messages import ErrCode
 from runner.tools.client import Connection, ProtocolViolation, RunnerError, wait_for_socket
 from runner.tools.refcodec import StopAction
@@ -127,7 +129,7 @@ async def test_sigterm_lets_a_call_in_flight_finish_then_exits_0_without_its_soc
             await Connection.open(str(sock)) as conn,
             await Connection.open(str(sock)) as idle,
         ):
-            # The default grace (0.5 s) is shorter than the gateway's 1 s before SIGKILL.
+            # The default grace (0.7 s) ends before the gateway's SIGKILL, 1 s after SIGTERM.
             token = await conn.prepare_conf([conf("test-sleep", seconds=0.3)])
             call = asyncio.create_task(conn.req_call(token, id=21))
             await asyncio.sleep(0.1)
@@ -326,3 +328,131 @@ async def test_the_process_survives_the_socket_fuzzer(sock_dir: Path) -> None:
         assert await runner.exit_status() == 0
     # One line per event: nothing the fuzzer sent produced a traceback.
     assert "Traceback" not in runner.output
+
+
+# ------------------------------------------------------------------------- SIGHUP
+
+HUP_PLUGIN = """
+from runner.plugin import Plugin, Request
+
+
+class Hup(Plugin[None]):
+    name = "hup"
+
+    def on_request(self, request: Request) -> None:
+        request.stop(200, {body!r})
+"""
+
+
+def write_hup_plugin(directory: Path, source: str) -> None:
+    (directory / "hup.py").write_text(source)
+
+
+async def until_logged(runner: RunnerProcess, text: str) -> None:
+    async with asyncio.timeout(START_TIMEOUT):
+        while text not in runner.output:  # noqa: ASYNC110 - the log is a file
+            await asyncio.sleep(0.02)
+
+
+async def hup_answer(sock: Path) -> bytes:
+    async with await Connection.open(str(sock)) as conn:
+        reply = await conn.req_call(await conn.prepare_conf([("hup", "")]))
+    assert isinstance(reply.action, StopAction)
+    return reply.action.body
+
+
+async def test_sighup_reloads_the_plugins_and_a_failed_reload_keeps_the_old_ones(
+    sock_dir: Path, tmp_path: Path
+) -> None:
+    plugins = tmp_path / "hup_plugins"
+    plugins.mkdir()
+    write_hup_plugin(plugins, HUP_PLUGIN.format(body="v1"))
+    sock = sock_dir / "runner.sock"
+    env = {"A6_RUNNER_PLUGINS_DIR": str(plugins)}
+    async with running(sock, "--no-examples", env=env) as runner:
+        assert await hup_answer(sock) == b"v1"
+        assert f"a6-runner {__version__} listening on unix:{sock}" in runner.output
+        # Another size: a bytecode cache written within the same second as the edit
+        # would otherwise look current.
+        write_hup_plugin(plugins, HUP_PLUGIN.format(body="second"))
+        runner.signal(signal.SIGHUP)
+        await until_logged(runner, "reloaded plugins")
+        assert await hup_answer(sock) == b"second"
+
+        write_hup_plugin(plugins, "def broken(:\n")
+        runner.signal(signal.SIGHUP)
+        await until_logged(runner, "the previous plugins keep serving")
+        assert runner.proc.poll() is None
+        assert await hup_answer(sock) == b"second"
+
+        runner.signal(signal.SIGTERM)
+        assert await runner.exit_status() == 0
+    assert not sock.exists()
+    reload_lines = [line for line in runner.output.splitlines() if "reload" in line]
+    assert len(reload_lines) == 2, runner.output
+
+
+# -------------------------------------------------------------- start-up failures
+
+
+def listening_at(sock_dir: Path, path: Path) -> RunnerProcess:
+    """A runner told by the gateway to listen at ``path`` (its log stays in ``sock_dir``)."""
+    return RunnerProcess(sock_dir / "unused.sock", env={"APISIX_LISTEN_ADDRESS": f"unix:{path}"})
+
+
+def startup_failure(runner: RunnerProcess, status: int) -> str:
+    """The runner's whole output, which must be one line, after it exited with ``status``."""
+    lines = runner.output.splitlines()
+    assert len(lines) == 1, runner.output
+    assert runner.proc.returncode == status
+    return lines[0]
+
+
+async def test_a_regular_file_as_the_socket_directory_is_one_line(sock_dir: Path) -> None:
+    (sock_dir / "afile").write_text("")
+    runner = listening_at(sock_dir, sock_dir / "afile" / "x.sock")
+    assert await runner.exit_status() == 1
+    assert "afile: it is not a directory" in startup_failure(runner, 1)
+
+
+async def test_a_socket_path_too_long_for_unix_sockets_is_one_line(sock_dir: Path) -> None:
+    runner = listening_at(sock_dir, sock_dir / ("x" * 110) / "x.sock")
+    assert await runner.exit_status() == 2
+    assert "a Unix socket path holds at most 107" in startup_failure(runner, 2)
+
+
+async def test_a_config_file_error_is_one_line_naming_the_file(sock_dir: Path) -> None:
+    config = sock_dir / "a6.toml"
+    config.write_text('[runner]\ncall_timeout = "fast"\n')
+    runner = RunnerProcess(sock_dir / "runner.sock", "--config", str(config))
+    assert await runner.exit_status() == 2
+    assert f"{config}: call_timeout: 'fast' is not a number" in startup_failure(runner, 2)
+
+
+@pytest.mark.parametrize("where", ["/sys/a6-runner-test.sock", "/sys/a6-runner-test/x.sock"])
+async def test_a_place_the_runner_may_not_write_is_one_line(sock_dir: Path, where: str) -> None:
+    # sysfs refuses new files even to root, so this fails the same for every user.
+    runner = listening_at(sock_dir, Path(where))
+    assert await runner.exit_status() == 1
+    line = startup_failure(runner, 1)
+    assert "Operation not permitted" in line or "Permission denied" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may use any directory")
+@pytest.mark.parametrize("where", ["locked/x.sock", "locked/sub/x.sock"])
+async def test_a_directory_the_runner_may_not_use_is_one_line(sock_dir: Path, where: str) -> None:
+    (sock_dir / "locked").mkdir(mode=0o000)
+    try:
+        runner = listening_at(sock_dir, sock_dir / where)
+        assert await runner.exit_status() == 1
+        assert "Permission denied" in startup_failure(runner, 1)
+    finally:
+        (sock_dir / "locked").chmod(0o700)
+
+
+async def test_a_toml_octal_socket_mode_gives_the_socket_that_mode(sock_dir: Path) -> None:
+    config = sock_dir / "a6.toml"
+    config.write_text("[runner]\nsocket_mode = 0o770\n")
+    sock = sock_dir / "runner.sock"
+    async with running(sock, "--config", str(config)):
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o770
