@@ -749,16 +749,25 @@ class SpawnedRunner:
         )
 
     async def start(self, timeout: float = 15.0) -> None:  # noqa: ASYNC109
+        """Launch the runner and wait until it listens; RuntimeError with its output if it
+        exits first (reported at once, not after ``timeout``) or never listens."""
         self.launch()
-        assert self.process is not None
-        try:
-            await wait_for_socket(self.socket, timeout)
-        except TimeoutError:
-            status = self.process.poll()
-            output = self.output()
-            self.stop()
-            what = f"exited with status {status}" if status is not None else "did not listen"
-            raise RuntimeError(f"the runner {what}:\n{output}") from None
+        process = self.process
+        assert process is not None
+        deadline = time.monotonic() + timeout
+        while process.poll() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Short probes, so that a runner that dies at startup is noticed at once.
+            with contextlib.suppress(TimeoutError):
+                await wait_for_socket(self.socket, min(0.2, remaining))
+                return
+        status = process.poll()
+        output = self.output()
+        self.stop()
+        what = f"exited with status {status}" if status is not None else "did not listen"
+        raise RuntimeError(f"the runner {what}:\n{output}")
 
     def output(self) -> str:
         self._log.seek(0)
