@@ -6,8 +6,9 @@ from the given variables and body. Everything that can be prepared before the cl
 starts is: the request frame is encoded once per connection, and the answer to each
 distinct ExtraInfo query is encoded the first time it is asked and then replayed. In the
 measured loop a reply is judged by its frame type alone; a sample of replies (the first
-of each connection, then every ``verify_every``-th) is decoded in full with the
-generated-code reference codec, so a runner that answers garbage cannot look fast.
+of each connection, then every ``verify_every``-th) is decoded in full and every offset
+checked, so a runner that answers garbage cannot look fast. Messages go through the
+gateway's side of ``runner.protocol.messages``, frames through ``FrameDecoder``.
 
 The runner's CPU time per call comes from ``/proc/<pid>/stat`` (user + system time of
 every thread) sampled at both ends of the measured window, when the process is known:
@@ -37,8 +38,9 @@ from typing import Any, Final, Literal, TextIO
 
 import click
 
-from runner.protocol.frame import RPC, encode_frame
-from runner.tools import refcodec
+from runner.protocol import messages
+from runner.protocol.frame import RPC, FrameDecoder, FrameTooLarge, encode_frame
+from runner.protocol.messages import InfoKind, MalformedMessage, Rewrite, Stop
 from runner.tools.client import Connection, RunnerError, strip_unix_prefix, wait_for_socket
 
 __all__ = [
@@ -153,7 +155,7 @@ class BenchConfig:
             raise ValueError("requests must be at least 1")
         if self.duration <= 0 or self.warmup < 0 or self.call_timeout <= 0:
             raise ValueError("duration and call_timeout must be positive, warmup not negative")
-        if self.shape.method not in refcodec._METHOD_CODES:
+        if self.shape.method not in messages.METHOD_CODES:
             raise ValueError(f"unknown method {self.shape.method!r}")
 
 
@@ -329,52 +331,55 @@ class _Run:
             self.t_end = time.perf_counter_ns()
             self.done.set_result(None)
 
-    def answer(self, frame: bytes) -> bytes:
-        """The ExtraInfo answer frame to a query frame, encoded once per distinct query."""
-        cached = self.answers.get(frame)
+    def answer(self, query_payload: bytes) -> bytes:
+        """The ExtraInfo answer frame to a query, encoded once per distinct query.
+
+        Raises MalformedMessage on a query the gateway could not read either."""
+        cached = self.answers.get(query_payload)
         if cached is not None:
             return cached
-        query = refcodec.decode_extra_info_query(frame[4:])
-        if query.kind == "var":
+        query = messages.decode_extra_info_query(query_payload)
+        if query.kind is InfoKind.VAR:
             result = self.vars.get(query.name) if query.name is not None else None
-        elif query.kind == "req_body":
+        elif query.kind is InfoKind.REQ_BODY:
             result = self.body
         else:
             result = self.resp_body if self.config.shape.phase == "response" else None
-        reply = encode_frame(RPC.EXTRA_INFO, refcodec.encode_extra_info_reply(result))
+        reply = encode_frame(RPC.EXTRA_INFO, messages.encode_extra_info_reply(result))
         if len(self.answers) < _MAX_CACHED_ANSWERS:
-            self.answers[frame] = reply
+            self.answers[query_payload] = reply
         return reply
 
-    def verify(self, frame: bytes, call_id: int) -> str | None:
-        """Decode a reply in full with the reference codec; a description, or None if bad."""
+    def verify(self, payload: bytes, call_id: int) -> str | None:
+        """Decode a reply in full; a description, or None if it is malformed or (ids
+        being checked) answers another call."""
         try:
             if self.expect == RPC.HTTP_REQ_CALL:
-                reply = refcodec.decode_req_call_reply(frame[4:])
+                reply = messages.decode_req_call_reply(payload)
                 if self.config.check_id and reply.id != call_id:
                     return None
                 return _describe_action(reply.action)
-            resp = refcodec.decode_resp_call_reply(frame[4:])
-            if self.config.check_id and resp.id != call_id:
-                return None
-            headers = _entries(resp.headers) if resp.headers else "unchanged"
-            body = "unchanged" if resp.body is None else f"{len(resp.body)} bytes"
-            return _shorten(
-                f"response: status {resp.status or 'unchanged'}, headers {headers}, body {body}"
-            )
-        except Exception:
+            resp = messages.decode_resp_call_reply(payload)
+        except MalformedMessage:
             return None
+        if self.config.check_id and resp.id != call_id:
+            return None
+        headers = _entries(resp.headers) if resp.headers else "unchanged"
+        body = "unchanged" if not resp.body else f"{len(resp.body)} bytes"
+        return _shorten(
+            f"response: status {resp.status or 'unchanged'}, headers {headers}, body {body}"
+        )
 
 
 def _entries(entries: Sequence[tuple[str, str | None]]) -> str:
     return ", ".join(name if value is None else f"{name}={value}" for name, value in entries)
 
 
-def _describe_action(action: refcodec.StopAction | refcodec.RewriteAction | None) -> str:
+def _describe_action(action: Stop | Rewrite | None) -> str:
     """One line saying what a reply asks the gateway to do, for the report."""
     if action is None:
         return "pass through"
-    if isinstance(action, refcodec.StopAction):
+    if isinstance(action, Stop):
         text = f"stop: status {action.status}, {len(action.body)}-byte body"
         if action.headers:
             text += f", headers {_entries(action.headers)}"
@@ -406,7 +411,7 @@ class _Slot(asyncio.Protocol):
         self.call_id = index  # like the gateway's worker_id << 22 | counter, fixed here
         self.request = run.request_frames[index]
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.frames = FrameDecoder()
         self.busy = False
         self.started = 0
         self.measured = False
@@ -431,25 +436,24 @@ class _Slot(asyncio.Protocol):
         self.transport.write(self.request)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        if not self.buf:
-            # One whole frame per read is the rule on a quiet socket: judge it in place.
-            n = len(data)
-            if n >= 4 and n == 4 + int.from_bytes(data[1:4], "big"):
-                self.on_frame(data[0], data)
+        frames = self.frames
+        # One whole frame per read is the rule on a quiet socket: no buffering then.
+        whole = frames.whole_frame(data)
+        if whole is not None:
+            self.on_frame(*whole)
+            return
+        frames.feed(data)
+        while self.transport is not None:
+            try:
+                frame = frames.next_frame()
+            except FrameTooLarge:  # cannot happen at the protocol's own limit
+                self.fail("unexpected_frame")
                 return
-        buf = self.buf
-        buf += data
-        while len(buf) >= 4:
-            end = 4 + int.from_bytes(buf[1:4], "big")
-            if len(buf) < end:
+            if frame is None:
                 return
-            frame = bytes(buf[:end])
-            del buf[:end]
-            self.on_frame(frame[0], frame)
-            if self.transport is None:
-                return
+            self.on_frame(*frame)
 
-    def on_frame(self, rpc_type: int, frame: bytes) -> None:
+    def on_frame(self, rpc_type: int, payload: bytes) -> None:
         run = self.run
         if not self.busy:
             self.fail("unexpected_frame")
@@ -461,7 +465,7 @@ class _Slot(asyncio.Protocol):
             if self.replies == 1 or (
                 run.config.verify_every and self.replies % run.config.verify_every == 0
             ):
-                described = run.verify(frame, self.call_id)
+                described = run.verify(payload, self.call_id)
                 if described is None:
                     self.end_call("bad_reply", now)
                     return
@@ -476,15 +480,15 @@ class _Slot(asyncio.Protocol):
             self.next(now)
         elif rpc_type == RPC.EXTRA_INFO:
             try:
-                answer = run.answer(frame)
-            except Exception:
+                answer = run.answer(payload)
+            except MalformedMessage:
                 self.fail("bad_extra_info_query")
                 return
             self.transport.write(answer)  # type: ignore[union-attr]
         elif rpc_type == RPC.ERROR:
             try:
-                code = refcodec.decode_error(frame[4:])
-            except Exception:
+                code = messages.decode_error(payload)
+            except MalformedMessage:
                 self.fail("bad_error_frame")
                 return
             self.busy = False
@@ -520,7 +524,7 @@ class _Slot(asyncio.Protocol):
         if self.transport is not None:
             transport, self.transport = self.transport, None
             transport.abort()
-        self.buf.clear()
+        self.frames = FrameDecoder()
         run.check_done()
         if not run.stopping:
             task = run.loop.create_task(_reconnect(run, self.index))
@@ -577,7 +581,7 @@ def _encode_requests(config: BenchConfig, token: int) -> tuple[list[bytes], int]
     frames = []
     for index in range(config.connections):
         if shape.phase == "request":
-            payload = refcodec.encode_req_call(
+            payload = messages.encode_req_call(
                 conf_token=token,
                 id=index,
                 method=shape.method,
@@ -587,7 +591,7 @@ def _encode_requests(config: BenchConfig, token: int) -> tuple[list[bytes], int]
             )
             frames.append(encode_frame(RPC.HTTP_REQ_CALL, payload))
         else:
-            payload = refcodec.encode_resp_call(
+            payload = messages.encode_resp_call(
                 conf_token=token, id=index, status=shape.status, headers=shape.all_headers()
             )
             frames.append(encode_frame(RPC.HTTP_RESP_CALL, payload))
