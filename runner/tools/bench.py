@@ -11,8 +11,9 @@ checked, so a runner that answers garbage cannot look fast. Messages go through 
 gateway's side of ``runner.protocol.messages``, frames through ``FrameDecoder``.
 
 The runner's CPU time per call comes from ``/proc/<pid>/stat`` (user + system time of
-every thread) sampled at both ends of the measured window, when the process is known:
-spawned by the bench, given with ``--pid``, or found as the listener of the socket.
+every thread) of the runner and all its descendants (a supervisor's workers), sampled at
+both ends of the measured window, when the process is known: spawned by the bench, given
+with ``--pid``, or found as the listener of the socket.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "parse_conf",
     "process_cpu_seconds",
     "process_rss_kib",
+    "process_tree",
     "run_bench",
 ]
 
@@ -103,6 +105,10 @@ class RequestShape:
     body_size: int = 0  # answered to ReqBody; 0 = no body
     resp_body_size: int = 0  # answered to RespBody (response phase); 0 = no body
     status: int = 200  # the upstream status, response phase
+    body_data: bytes | None = None  # a real request body; replaces body_size's filler
+    resp_body_data: bytes | None = None  # a real upstream body; replaces the filler
+    # The upstream's headers (response phase); None: the request's headers stand in.
+    resp_headers: tuple[tuple[str, str], ...] | None = None
     vars: tuple[tuple[str, str], ...] = tuple(_DEFAULT_VARS.items())
 
     def all_headers(self) -> list[tuple[str, str]]:
@@ -117,10 +123,26 @@ class RequestShape:
         return out
 
     def body(self) -> bytes | None:
+        if self.body_data is not None:
+            return self.body_data
         return _pattern(self.body_size) if self.body_size else None
 
     def resp_body(self) -> bytes | None:
+        if self.resp_body_data is not None:
+            return self.resp_body_data
         return _pattern(self.resp_body_size) if self.resp_body_size else None
+
+    def upstream_headers(self) -> list[tuple[str, str]]:
+        return self.all_headers() if self.resp_headers is None else list(self.resp_headers)
+
+    def describe(self) -> dict[str, Any]:
+        """The shape as JSON can hold it: bodies by their size."""
+        data = asdict(self)
+        del data["body_data"], data["resp_body_data"]
+        body, resp_body = self.body(), self.resp_body()
+        data["body_size"] = len(body) if body is not None else 0
+        data["resp_body_size"] = len(resp_body) if resp_body is not None else 0
+        return data
 
 
 def _pattern(size: int) -> bytes:
@@ -201,18 +223,57 @@ def percentile(sorted_values: Sequence[int], q: float) -> int:
 # ------------------------------------------------------------------ process facts
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of every thread of ``pid``; None if it cannot be read."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state is [0])."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name may hold spaces and parentheses: split after the last ')'.
-    fields = raw.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return raw.rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant of it (a supervisor's workers, their children)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            fields = _stat_fields(int(proc.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(proc.name))
+    tree = [pid]
+    for parent in tree:  # grows while it is walked: breadth first
+        tree.extend(children.get(parent, ()))
+    return tree
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of ``pid`` and all its descendants, every thread, with
+    the time of children already reaped; None if ``pid`` cannot be read."""
+    total = 0
+    for member in process_tree(pid):
+        fields = _stat_fields(member)
+        if fields is None:
+            if member == pid:
+                return None
+            continue  # exited since the tree was listed
+        # utime, stime, then cutime and cstime: reaped children count in their parent.
+        total += sum(int(f) for f in fields[11:15])
+    return total / _CLK_TCK
 
 
 def process_rss_kib(pid: int) -> int | None:
+    """Resident memory of ``pid`` and all its descendants; None if ``pid`` cannot be read."""
+    total = 0
+    for member in process_tree(pid):
+        rss = _rss_kib(member)
+        if rss is None and member == pid:
+            return None
+        total += rss or 0
+    return total
+
+
+def _rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -366,13 +427,14 @@ class _Run:
             return None
         headers = _entries(resp.headers) if resp.headers else "unchanged"
         body = "unchanged" if not resp.body else f"{len(resp.body)} bytes"
-        return _shorten(
-            f"response: status {resp.status or 'unchanged'}, headers {headers}, body {body}"
-        )
+        # Not shortened: every header of the reply replaces the upstream's, all matter.
+        return f"response: status {resp.status or 'unchanged'}, headers {headers}, body {body}"
 
 
 def _entries(entries: Sequence[tuple[str, str | None]]) -> str:
-    return ", ".join(name if value is None else f"{name}={value}" for name, value in entries)
+    return ", ".join(
+        name if value is None else f"{name}={_shorten(value, 40)}" for name, value in entries
+    )
 
 
 def _describe_action(action: Stop | Rewrite | None) -> str:
@@ -383,7 +445,7 @@ def _describe_action(action: Stop | Rewrite | None) -> str:
         text = f"stop: status {action.status}, {len(action.body)}-byte body"
         if action.headers:
             text += f", headers {_entries(action.headers)}"
-        return _shorten(text)
+        return text
     parts = []
     if action.path is not None:
         parts.append(f"path {action.path}")
@@ -395,7 +457,7 @@ def _describe_action(action: Stop | Rewrite | None) -> str:
         parts.append(f"response headers {_entries(action.resp_headers)}")
     if action.body is not None:
         parts.append(f"{len(action.body)}-byte body")
-    return _shorten("rewrite: " + ("; ".join(parts) or "nothing"))
+    return "rewrite: " + ("; ".join(parts) or "nothing")
 
 
 def _shorten(text: str, limit: int = 160) -> str:
@@ -592,7 +654,7 @@ def _encode_requests(config: BenchConfig, token: int) -> tuple[list[bytes], int]
             frames.append(encode_frame(RPC.HTTP_REQ_CALL, payload))
         else:
             payload = messages.encode_resp_call(
-                conf_token=token, id=index, status=shape.status, headers=shape.all_headers()
+                conf_token=token, id=index, status=shape.status, headers=shape.upstream_headers()
             )
             frames.append(encode_frame(RPC.HTTP_RESP_CALL, payload))
     expect = RPC.HTTP_REQ_CALL if shape.phase == "request" else RPC.HTTP_RESP_CALL
@@ -600,8 +662,22 @@ def _encode_requests(config: BenchConfig, token: int) -> tuple[list[bytes], int]
 
 
 async def prepare(config: BenchConfig) -> int:
-    """PrepareConf on a connection of its own, as the gateway does; returns the token."""
-    async with await Connection.open(config.socket, io_timeout=config.call_timeout) as conn:
+    """PrepareConf on a connection of its own, as the gateway does; returns the token.
+
+    Raises OSError saying what is at the socket path if nothing accepts connections."""
+    path = strip_unix_prefix(config.socket)
+    try:
+        conn = await Connection.open(path, io_timeout=config.call_timeout)
+    except FileNotFoundError:
+        raise OSError(f"no socket at {path}: is the runner running with this --listen?") from None
+    except ConnectionRefusedError:
+        raise OSError(
+            f"nothing accepts connections on {path}: the runner is not running there"
+            " (a socket file left behind?)"
+        ) from None
+    except OSError as exc:
+        raise OSError(f"cannot connect to the runner at {path}: {exc.strerror or exc}") from None
+    async with conn:
         return await conn.prepare_conf(list(config.conf), config.key)
 
 
@@ -690,7 +766,7 @@ def _result(run: _Run) -> BenchResult:
         bench_cpu_us_per_call=own,
         reconnects=run.reconnects,
         first_reply=run.first_reply or "none",
-        shape=asdict(config.shape),
+        shape=config.shape.describe(),
         stopped_by=run.stopped_by,
     )
 
@@ -951,9 +1027,36 @@ def _args(values: Sequence[str]) -> list[tuple[str, str | None]]:
 @click.option(
     "--arg", "args", multiple=True, metavar="NAME[=VALUE]", help="A query arg (repeatable)."
 )
-@click.option("--body-size", type=int, default=0, help="Bytes of request body (ReqBody).")
-@click.option("--resp-body-size", type=int, default=0, help="Bytes of upstream body (RespBody).")
+@click.option(
+    "--body",
+    "body_text",
+    metavar="TEXT|@FILE",
+    help="The request body answered to ReqBody (a file's bytes with @FILE).",
+)
+@click.option(
+    "--body-size", type=int, default=0, help="Bytes of filler request body, without --body."
+)
+@click.option(
+    "--resp-body",
+    "resp_body_text",
+    metavar="TEXT|@FILE",
+    help="The upstream body answered to RespBody, response phase (a file's bytes with @FILE).",
+)
+@click.option(
+    "--resp-body-size",
+    type=int,
+    default=0,
+    help="Bytes of filler upstream body, without --resp-body.",
+)
 @click.option("--status", type=int, default=200, help="Upstream status, response phase.")
+@click.option(
+    "--upstream-header",
+    "upstream_headers",
+    multiple=True,
+    metavar="NAME:VALUE",
+    help="A header of the upstream response, response phase (repeatable; default: the"
+    " request's headers stand in).",
+)
 @click.option(
     "--var",
     "variables",
@@ -974,6 +1077,14 @@ def _args(values: Sequence[str]) -> list[tuple[str, str | None]]:
     help="Count a reply whose id is not the request's as a bad reply.",
 )
 @click.option("--call-timeout", type=float, default=60.0, help="Seconds a call may take.")
+@click.option(
+    "--max-error-rate",
+    type=click.FloatRange(0, 100),
+    default=0.0,
+    metavar="PERCENT",
+    help="Exit with status 1 if more than this share of the measured calls failed (so a"
+    " CI job can gate on it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on a terminal.")
 @click.argument("runner_args", nargs=-1, type=click.UNPROCESSED)
@@ -991,13 +1102,17 @@ def bench(
     header_count: int,
     headers: Sequence[str],
     args: Sequence[str],
+    body_text: str | None,
     body_size: int,
+    resp_body_text: str | None,
     resp_body_size: int,
     status: int,
+    upstream_headers: Sequence[str],
     variables: Sequence[str],
     verify_every: int,
     check_id: bool,
     call_timeout: float,
+    max_error_rate: float,
     as_json: bool,
     progress: bool,
     runner_args: Sequence[str],
@@ -1009,6 +1124,9 @@ def bench(
     a6-runner bench -c 16 -d 10                        # spawn a runner, 'say' plugin
     a6-runner bench --conf @conf.json -- --plugins-dir ./my-plugins
     a6-runner bench --socket /tmp/runner.sock -n 100000 --json
+    a6-runner bench --method POST --body @payload.json --max-error-rate 0.1
+
+    Exits with status 1 if more than --max-error-rate percent of the calls failed.
     """
     if conf_text.startswith("@"):
         try:
@@ -1034,6 +1152,11 @@ def bench(
         resp_body_size=resp_body_size,
         status=status,
         vars=tuple(vars_.items()),
+        body_data=_text_or_file(body_text, "--body"),
+        resp_body_data=_text_or_file(resp_body_text, "--resp-body"),
+        resp_headers=tuple(_pairs(upstream_headers, ":", "--upstream-header"))
+        if upstream_headers
+        else None,
     )
     config = BenchConfig(
         socket=socket_path or "",
@@ -1064,6 +1187,27 @@ def bench(
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         click.echo(format_result(result))
+    failed = sum(result.errors.values())
+    if not result.calls:
+        raise click.ClickException("no call completed in the measured window")
+    rate = failed / result.calls * 100
+    if rate > max_error_rate:
+        raise click.ClickException(
+            f"{failed:,} of {result.calls:,} calls failed ({rate:.3g}%),"
+            f" more than --max-error-rate {max_error_rate:g}%"
+        )
+
+
+def _text_or_file(value: str | None, option: str) -> bytes | None:
+    """``TEXT`` as UTF-8, or ``@FILE``'s bytes."""
+    if value is None:
+        return None
+    if not value.startswith("@"):
+        return value.encode()
+    try:
+        return Path(value[1:]).read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def _run_command(
@@ -1077,13 +1221,22 @@ def _run_command(
             if cfg.pid is None:
                 found = find_listener_pid(strip_unix_prefix(cfg.socket))
                 cfg = replace(cfg, pid=found)
-            return await run_bench(cfg, bar)
+            try:
+                return await run_bench(cfg, bar)
+            except RunnerError as exc:
+                raise RuntimeError(
+                    f"the runner rejected the conf at PrepareConf ({exc}); its log says why"
+                    " (the runner's output, or the gateway's error.log if the gateway"
+                    " started it)"
+                ) from None
         runner = SpawnedRunner(runner_args)
         await runner.start()
         try:
             return await run_bench(replace(config, socket=runner.socket, pid=runner.pid), bar)
         except RunnerError as exc:
-            raise RuntimeError(f"PrepareConf failed: {exc}\n{runner.output()}") from None
+            raise RuntimeError(
+                f"the runner rejected the conf at PrepareConf ({exc}); its log:\n{runner.output()}"
+            ) from None
         finally:
             runner.stop()
 
