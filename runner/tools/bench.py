@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -35,9 +36,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
 
 from runner.protocol import messages
 from runner.protocol.frame import RPC, FrameDecoder, FrameTooLarge, encode_frame
@@ -51,11 +55,14 @@ __all__ = [
     "SpawnedRunner",
     "find_listener_pid",
     "format_result",
+    "merge_results",
     "parse_conf",
     "process_cpu_seconds",
     "process_rss_kib",
     "process_tree",
     "run_bench",
+    "run_bench_processes",
+    "split_config",
 ]
 
 Phase = Literal["request", "response"]
@@ -201,6 +208,7 @@ class BenchResult:
     first_reply: str
     shape: dict[str, Any]
     stopped_by: str  # "requests" or "duration": the bound that ended the run
+    processes: int = 1  # client processes that made the load
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -689,6 +697,10 @@ async def run_bench(
     Raises RunnerError if PrepareConf fails (nothing could be measured), OSError if the
     socket does not accept connections.
     """
+    return _result(await _measure(config, progress))
+
+
+async def _measure(config: BenchConfig, progress: Callable[[_Run], None] | None) -> _Run:
     config.check()
     token = await prepare(config)
     frames, expect = _encode_requests(config, token)
@@ -723,17 +735,13 @@ async def run_bench(
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await asyncio.shield(slot.closed)
-    return _result(run)
+    return run
 
 
-def _result(run: _Run) -> BenchResult:
-    config = run.config
-    if not run.measuring:  # stopped before the warm-up ended
-        run.start_window(run.t_end)
-    seconds = max(run.t_end - run.t0, 1) / 1e9
-    lat = sorted(run.latencies)
+def _latency_summary(lat: Sequence[int]) -> dict[str, float]:
+    """Milliseconds, from sorted nanoseconds."""
     ms = 1e-6
-    latency = {
+    return {
         "p50": percentile(lat, 50) * ms,
         "p90": percentile(lat, 90) * ms,
         "p99": percentile(lat, 99) * ms,
@@ -741,6 +749,14 @@ def _result(run: _Run) -> BenchResult:
         "max": (lat[-1] if lat else 0) * ms,
         "mean": (sum(lat) / len(lat) if lat else 0) * ms,
     }
+
+
+def _result(run: _Run) -> BenchResult:
+    config = run.config
+    if not run.measuring:  # stopped before the warm-up ended
+        run.start_window(run.t_end)
+    seconds = max(run.t_end - run.t0, 1) / 1e9
+    latency = _latency_summary(sorted(run.latencies))
     calls = run.completed
     runner_cpu = None
     rss = None
@@ -768,6 +784,151 @@ def _result(run: _Run) -> BenchResult:
         first_reply=run.first_reply or "none",
         shape=config.shape.describe(),
         stopped_by=run.stopped_by,
+    )
+
+
+# ------------------------------------------------------------ several processes
+#
+# One client process saturates one core long before a runner with several workers does.
+# With ``processes`` > 1 the load comes from that many child processes, each running
+# ``_measure`` over its share of the connections (and of ``requests``) with the same
+# warm-up and duration, so that their measured windows nearly coincide. Each sends back
+# its result and its raw latencies; percentiles are taken over all of them.
+
+
+def split_config(config: BenchConfig, processes: int) -> list[BenchConfig]:
+    """``config``'s connections and request count shared out among ``processes``."""
+    if not 1 <= processes <= config.connections:
+        raise ValueError("processes must be between 1 and the number of connections")
+
+    def share(total: int, i: int) -> int:
+        return total // processes + (i < total % processes)
+
+    return [
+        replace(
+            config,
+            connections=share(config.connections, i),
+            requests=None if config.requests is None else max(1, share(config.requests, i)),
+        )
+        for i in range(processes)
+    ]
+
+
+_CHILD = "from runner.tools.bench import _client_process; _client_process()"
+
+
+def _client_process() -> None:
+    """A child's life: a pickled BenchConfig on stdin, the pickled ``(BenchResult,
+    latencies)`` on stdout; a failure as text on stderr and status 1."""
+    import uvloop
+
+    config: BenchConfig = pickle.loads(sys.stdin.buffer.read())
+
+    async def main() -> tuple[BenchResult, bytes]:
+        run = await _measure(config, None)
+        return _result(run), run.latencies.tobytes()
+
+    try:
+        outcome = uvloop.run(main())
+    except (RunnerError, OSError, RuntimeError, TimeoutError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        raise SystemExit(1) from None
+    sys.stdout.buffer.write(pickle.dumps(outcome))
+
+
+async def run_bench_processes(
+    config: BenchConfig, processes: int, tick: Callable[[float], None] | None = None
+) -> BenchResult:
+    """``run_bench`` with the load made by ``processes`` child processes, results merged.
+
+    The runner's CPU time per call is its CPU time over the (nearly common) window,
+    averaged over the children's views of it, divided by all the calls. ``tick`` is
+    called with the seconds elapsed, about four times a second.
+    """
+    if processes == 1:
+        return await run_bench(config)
+    shares = split_config(config, processes)
+    for share in shares:
+        share.check()
+    # One PrepareConf first, so that a rejected conf or a missing socket is reported once
+    # and as run_bench reports it (each child prepares again, as gateway workers would).
+    await prepare(config)
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CHILD,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in shares
+    ]
+    started = time.monotonic()
+    waits = asyncio.gather(
+        *(
+            child.communicate(pickle.dumps(share))
+            for child, share in zip(children, shares, strict=True)
+        )
+    )
+    try:
+        while True:
+            done, _ = await asyncio.wait([waits], timeout=0.25)
+            if done:
+                break
+            if tick is not None:
+                tick(time.monotonic() - started)
+        outputs = waits.result()
+    finally:
+        waits.cancel()  # a no-op once done; on cancellation, stop waiting for the pipes
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    parts: list[tuple[BenchResult, bytes]] = []
+    for child, (out, err) in zip(children, outputs, strict=True):
+        if child.returncode != 0:
+            raise RuntimeError(f"a client process failed: {err.decode(errors='replace').strip()}")
+        parts.append(pickle.loads(out))
+    return merge_results(config, parts)
+
+
+def merge_results(config: BenchConfig, parts: Sequence[tuple[BenchResult, bytes]]) -> BenchResult:
+    results = [result for result, _ in parts]
+    latencies = array("q")
+    for _, raw in parts:
+        latencies.frombytes(raw)
+    calls = sum(r.calls for r in results)
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r.errors)
+    # Each child saw the runner's whole CPU time over its window, not a share of it.
+    cpu_views = [
+        r.runner_cpu_us_per_call * r.calls for r in results if r.runner_cpu_us_per_call is not None
+    ]
+    runner_cpu = sum(cpu_views) / len(cpu_views) / calls if cpu_views and calls else None
+    bench_cpu = [
+        r.bench_cpu_us_per_call * r.calls for r in results if r.bench_cpu_us_per_call is not None
+    ]
+    rss = [r.runner_rss_kib for r in results if r.runner_rss_kib is not None]
+    first = results[0]
+    return BenchResult(
+        connections=sum(r.connections for r in results),
+        calls=calls,
+        ok=sum(r.ok for r in results),
+        errors=dict(sorted(errors.items())),
+        seconds=max(r.seconds for r in results),
+        throughput=sum(r.throughput for r in results),
+        latency_ms=_latency_summary(sorted(latencies)),
+        runner_pid=config.pid,
+        runner_cpu_us_per_call=runner_cpu,
+        runner_rss_kib=(min(s for s, _ in rss), max(e for _, e in rss)) if rss else None,
+        bench_cpu_us_per_call=sum(bench_cpu) / calls if bench_cpu and calls else None,
+        reconnects=sum(r.reconnects for r in results),
+        first_reply=next((r.first_reply for r in results if r.first_reply != "none"), "none"),
+        shape=first.shape,
+        stopped_by=first.stopped_by,
+        processes=len(results),
     )
 
 
@@ -876,8 +1037,9 @@ def _fmt_ms(value: float) -> str:
 def format_result(result: BenchResult) -> str:
     lat = result.latency_ms
     lines = [
-        f"{result.calls:,} calls on {result.connections} connection(s) in"
-        f" {result.seconds:.2f} s (stopped by {result.stopped_by})",
+        f"{result.calls:,} calls on {result.connections} connection(s)"
+        + (f" from {result.processes} client processes" if result.processes > 1 else "")
+        + f" in {result.seconds:.2f} s (stopped by {result.stopped_by})",
         f"reply         {result.first_reply}",
         f"throughput    {result.throughput:,.0f} calls/s",
         "latency       "
@@ -906,18 +1068,20 @@ def format_result(result: BenchResult) -> str:
 
 
 class _ProgressBar:
-    """One line on a terminal, redrawn in place; nothing when the stream is not a tty."""
+    """Feeds click's progress bar: the share of the time budget spent (or of the calls
+    made, when a call count ends the run sooner), with calls, rate and errors beside it."""
 
-    def __init__(self, config: BenchConfig, stream: TextIO) -> None:
+    STEPS: Final = 1000
+
+    def __init__(self, config: BenchConfig, bar: ProgressBar[str | None]) -> None:
         self.config = config
-        self.stream = stream
+        self.bar = bar
         self.started = time.monotonic()
         self.last = (0, self.started)
 
     def __call__(self, run: _Run) -> None:
         now = time.monotonic()
-        total = self.config.warmup + self.config.duration
-        fraction = (now - self.started) / total
+        fraction = (now - self.started) / (self.config.warmup + self.config.duration)
         if run.measuring and self.config.requests:
             fraction = max(fraction, run.issued / self.config.requests)
         # The rate counts every reply, warm-up included, so that it never jumps back.
@@ -925,20 +1089,20 @@ class _ProgressBar:
         last_replies, then = self.last
         rate = (replies - last_replies) / (now - then) if now > then else 0.0
         self.last = (replies, now)
-        width = 30
-        filled = min(width, int(fraction * width))
         phase = "measuring" if run.measuring else "warming up"
         shown = run.completed if run.measuring else run.warmup_calls
         errors = sum(run.errors.values())
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {phase} {shown:,} calls"
-            f" {rate:,.0f}/s errors {errors:,}   "
-        )
-        self.stream.flush()
+        self.show(fraction, f"{phase} {shown:,} calls {rate:,.0f}/s errors {errors:,}")
 
-    def clear(self) -> None:
-        self.stream.write("\r" + " " * 90 + "\r")
-        self.stream.flush()
+    def tick(self, elapsed: float) -> None:
+        """Progress by time alone: the load runs in child processes."""
+        budget = self.config.warmup + self.config.duration
+        phase = "warming up" if elapsed < self.config.warmup else "measuring"
+        self.show(elapsed / budget, f"{phase} in client processes")
+
+    def show(self, fraction: float, text: str) -> None:
+        target = min(self.STEPS, int(fraction * self.STEPS))
+        self.bar.update(max(0, target - self.bar.pos), text)
 
 
 # -------------------------------------------------------------------- the command
@@ -1005,6 +1169,14 @@ def _args(values: Sequence[str]) -> list[tuple[str, str | None]]:
     default='[{"name": "say", "value": "{}"}]',
 )
 @click.option("-c", "--connections", type=int, default=16, help="Kept-alive connections.")
+@click.option(
+    "-p",
+    "--processes",
+    type=click.IntRange(1),
+    default=1,
+    help="Client processes sharing the connections, for more than one core of load"
+    " (latency percentiles are over all their calls).",
+)
 @click.option("-n", "--requests", type=int, help="Stop after this many measured calls.")
 @click.option("-d", "--duration", type=float, default=10.0, help="Stop after this many seconds.")
 @click.option("--warmup", type=float, default=1.0, help="Seconds of load before measuring.")
@@ -1093,6 +1265,7 @@ def bench(
     pid: int | None,
     conf_text: str,
     connections: int,
+    processes: int,
     requests: int | None,
     duration: float,
     warmup: float,
@@ -1125,6 +1298,7 @@ def bench(
     a6-runner bench --conf @conf.json -- --plugins-dir ./my-plugins
     a6-runner bench --socket /tmp/runner.sock -n 100000 --json
     a6-runner bench --method POST --body @payload.json --max-error-rate 0.1
+    a6-runner bench -p 4 -c 64 --socket /tmp/runner.sock   # four client processes
 
     Exits with status 1 if more than --max-error-rate percent of the calls failed.
     """
@@ -1175,14 +1349,24 @@ def bench(
         config.check()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    bar = _ProgressBar(config, sys.stderr) if progress and sys.stderr.isatty() else None
+    if processes > connections:
+        raise click.UsageError("--processes cannot exceed --connections")
     try:
-        result = _run_command(config, runner_args, bar)
+        if progress and sys.stderr.isatty():
+            with click.progressbar(
+                length=_ProgressBar.STEPS,
+                label="bench",
+                file=sys.stderr,
+                width=30,
+                show_eta=False,
+                show_percent=False,
+                item_show_func=lambda text: text,
+            ) as bar:
+                result = _run_command(config, runner_args, processes, _ProgressBar(config, bar))
+        else:
+            result = _run_command(config, runner_args, processes, None)
     except (RunnerError, RuntimeError, OSError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
-    finally:
-        if bar is not None:
-            bar.clear()
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -1211,9 +1395,14 @@ def _text_or_file(value: str | None, option: str) -> bytes | None:
 
 
 def _run_command(
-    config: BenchConfig, runner_args: Sequence[str], bar: _ProgressBar | None
+    config: BenchConfig, runner_args: Sequence[str], processes: int, bar: _ProgressBar | None
 ) -> BenchResult:
     import uvloop
+
+    async def drive(config: BenchConfig) -> BenchResult:
+        if processes == 1:
+            return await run_bench(config, bar)
+        return await run_bench_processes(config, processes, None if bar is None else bar.tick)
 
     async def main() -> BenchResult:
         if config.socket:
@@ -1222,7 +1411,7 @@ def _run_command(
                 found = find_listener_pid(strip_unix_prefix(cfg.socket))
                 cfg = replace(cfg, pid=found)
             try:
-                return await run_bench(cfg, bar)
+                return await drive(cfg)
             except RunnerError as exc:
                 raise RuntimeError(
                     f"the runner rejected the conf at PrepareConf ({exc}); its log says why"
@@ -1232,7 +1421,7 @@ def _run_command(
         runner = SpawnedRunner(runner_args)
         await runner.start()
         try:
-            return await run_bench(replace(config, socket=runner.socket, pid=runner.pid), bar)
+            return await drive(replace(config, socket=runner.socket, pid=runner.pid))
         except RunnerError as exc:
             raise RuntimeError(
                 f"the runner rejected the conf at PrepareConf ({exc}); its log:\n{runner.output()}"

@@ -30,8 +30,10 @@ from runner.tools.bench import (
     process_rss_kib,
     process_tree,
     run_bench,
+    run_bench_processes,
+    split_config,
 )
-from runner.tools.client import wait_for_socket
+from runner.tools.client import RunnerError, wait_for_socket
 from tests.conftest import FIXTURE_PLUGINS, serving, test_config
 
 FLOOR_SERVER = Path(__file__).resolve().parents[2] / "benchmarks" / "floor_server.py"
@@ -368,3 +370,30 @@ def test_cpu_and_memory_count_every_process_of_the_runner() -> None:
             os.kill(pid, 9)
         parent.kill()
         parent.wait()
+
+
+def test_several_client_processes_share_the_load_and_their_results_are_merged() -> None:
+    got = CliRunner().invoke(
+        main, ["bench", "-p", "2", "-c", "3", "-n", "301", "--warmup", "0", "--json"]
+    )
+    assert got.exit_code == 0, got.output
+    data = json.loads(got.output)
+    assert (data["processes"], data["connections"]) == (2, 3)
+    assert (data["calls"], data["ok"], data["errors"]) == (301, 301, {})
+    assert data["first_reply"] == "stop: status 200, 21-byte body"
+    assert data["latency_ms"]["p50"] <= data["latency_ms"]["max"]
+    assert isinstance(data["runner_cpu_us_per_call"], float)
+
+
+def test_split_config_shares_out_connections_and_calls() -> None:
+    shares = split_config(bench_config("s", [], connections=5, requests=11), 2)
+    assert [(c.connections, c.requests) for c in shares] == [(3, 6), (2, 5)]
+    with pytest.raises(ValueError, match="processes"):
+        split_config(bench_config("s", [], connections=2), 3)
+
+
+async def test_several_processes_report_a_rejected_conf_once(sock_dir: Path) -> None:
+    config = test_config(sock_dir)
+    async with serving(config):
+        with pytest.raises(RunnerError, match="bad request"):
+            await run_bench_processes(bench_config(config.listen, [("nope", "{}")]), 2)
