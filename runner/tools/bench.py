@@ -910,7 +910,6 @@ def merge_results(config: BenchConfig, parts: Sequence[tuple[BenchResult, bytes]
     bench_cpu = [
         r.bench_cpu_us_per_call * r.calls for r in results if r.bench_cpu_us_per_call is not None
     ]
-    rss = [r.runner_rss_kib for r in results if r.runner_rss_kib is not None]
     first = results[0]
     return BenchResult(
         connections=sum(r.connections for r in results),
@@ -922,7 +921,7 @@ def merge_results(config: BenchConfig, parts: Sequence[tuple[BenchResult, bytes]
         latency_ms=_latency_summary(sorted(latencies)),
         runner_pid=config.pid,
         runner_cpu_us_per_call=runner_cpu,
-        runner_rss_kib=(min(s for s, _ in rss), max(e for _, e in rss)) if rss else None,
+        runner_rss_kib=first.runner_rss_kib,  # every child sees the same processes
         bench_cpu_us_per_call=sum(bench_cpu) / calls if bench_cpu and calls else None,
         reconnects=sum(r.reconnects for r in results),
         first_reply=next((r.first_reply for r in results if r.first_reply != "none"), "none"),
