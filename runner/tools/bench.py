@@ -14,6 +14,10 @@ The runner's CPU time per call comes from ``/proc/<pid>/stat`` (user + system ti
 every thread) of the runner and all its descendants (a supervisor's workers), sampled at
 both ends of the measured window, when the process is known: spawned by the bench, given
 with ``--pid``, or found as the listener of the socket.
+
+One client process saturates one core: ``--processes N`` shares the connections among N
+child processes and merges their results (latency percentiles over all their calls).
+The command exits with status 1 if more calls failed than ``--max-error-rate`` allows.
 """
 
 from __future__ import annotations
