@@ -9,8 +9,8 @@ shared machine; run it under callgrind for counts that are not (the instructions
     PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
         .venv/bin/python benchmarks/inprocess.py var --calls 2500
 
-With ``--runner-path DIR`` on PYTHONPATH instead, it measures another version of the
-runner (this file uses nothing that version might lack).
+With another version of the runner on PYTHONPATH instead, it measures that version (one
+recent enough to have the gateway's side in ``runner.protocol.messages``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any
 import uvloop
 
 from runner.core.config import Config
+from runner.protocol import messages
 from runner.protocol.frame import RPC, encode_frame
 from runner.server.connection import Connection
 from runner.server.lifecycle import build_dispatcher, load_registry
 from runner.server.listener import RunnerServer
-from runner.tools import refcodec
 from runner.tools.bench import FILLER_HEADERS
 
 HEADERS = list(FILLER_HEADERS)  # the same request shape as `a6-runner bench`
@@ -56,7 +56,7 @@ class _Gateway(asyncio.Transport):
     def __init__(self, loop: asyncio.AbstractEventLoop, answer: bytes) -> None:
         super().__init__()
         self.loop = loop
-        self.answer = encode_frame(RPC.EXTRA_INFO, refcodec.encode_extra_info_reply(answer))
+        self.answer = encode_frame(RPC.EXTRA_INFO, messages.encode_extra_info_reply(answer))
         self.conn: Connection | None = None
         self.request = b""
         self.left = 0
@@ -67,7 +67,7 @@ class _Gateway(asyncio.Transport):
         assert self.conn is not None
         kind = data[0]
         if kind == RPC.PREPARE_CONF:
-            self.token = refcodec.decode_prepare_conf_reply(bytes(data[4:]))
+            self.token = messages.decode_prepare_conf_reply(bytes(data[4:]))
         elif kind == RPC.EXTRA_INFO:
             self.loop.call_soon(self.conn.data_received, self.answer)
         elif kind == RPC.HTTP_REQ_CALL:
@@ -104,8 +104,8 @@ async def run(case: str, calls: int, warmup: int) -> float:
     gateway = _Gateway(loop, answer)
     gateway.conn = conn
     conn.connection_made(gateway)
-    conn.data_received(encode_frame(RPC.PREPARE_CONF, refcodec.encode_prepare_conf(conf, "k")))
-    payload = refcodec.encode_req_call(conf_token=gateway.token, id=5, headers=HEADERS)
+    conn.data_received(encode_frame(RPC.PREPARE_CONF, messages.encode_prepare_conf(conf, "k")))
+    payload = messages.encode_req_call(conf_token=gateway.token, id=5, headers=HEADERS)
     gateway.request = encode_frame(RPC.HTTP_REQ_CALL, payload)
 
     async def cycle(n: int) -> None:

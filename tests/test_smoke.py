@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.tools.refcodec import StopAction
+from runner.protocol.messages import Stop
 from tests.conftest import connect, serving, test_config
 
 
@@ -16,4 +16,4 @@ async def test_say_plugin_answers_over_a_real_socket(sock_dir: Path) -> None:
             token = await conn.prepare_conf([("say", '{"body": "hi", "status": 418}')])
             reply = await conn.req_call(token, id=7)
     assert reply.id == 7
-    assert reply.action == StopAction(status=418, headers=[], body=b"hi")
+    assert reply.action == Stop(status=418, headers=(), body=b"hi")

@@ -22,19 +22,31 @@ __all__ = [
     "METHOD_NAMES",
     "Entry",
     "ErrCode",
+    "ExtraInfoQuery",
     "HTTPReqCall",
     "HTTPRespCall",
     "MalformedMessage",
     "PrepareConf",
+    "ReqCallReply",
+    "RespCallReply",
     "Rewrite",
     "Stop",
+    "decode_error",
+    "decode_extra_info_query",
     "decode_extra_info_reply",
     "decode_prepare_conf",
+    "decode_prepare_conf_reply",
+    "decode_req_call_reply",
+    "decode_resp_call_reply",
     "encode_error",
     "encode_extra_info_query",
+    "encode_extra_info_reply",
     "encode_pass_through_reply",
+    "encode_prepare_conf",
     "encode_prepare_conf_reply",
+    "encode_req_call",
     "encode_req_call_reply",
+    "encode_resp_call",
     "encode_resp_call_reply",
     "encode_rewrite_reply",
 ]
@@ -394,3 +406,225 @@ def decode_extra_info_reply(payload: bytes) -> bytes | None:
         raise
     except (ValueError, IndexError, struct.error) as exc:
         raise _guard("ExtraInfo reply", exc) from exc
+
+
+# ===================================================================== the gateway's side
+#
+# What the gateway sends and how it reads the runner's replies, on the same codec: the
+# test client and the load generator speak through these, so a serving runner and its
+# tools share one message model. The encoders keep the gateway's habits where a runner
+# could notice them: id 0 and GET are left out of the table (FlatBuffers defaults), an
+# arg without value has no value field, args and headers are always sent (possibly
+# empty), and an empty PrepareConf list is no list at all. The decoders check every
+# offset they follow: a runner under test that answers garbage raises MalformedMessage.
+
+_LOCALHOST: Final = b"\x7f\x00\x00\x01"
+
+
+def encode_prepare_conf(conf: Sequence[tuple[str, str]], key: str = "") -> bytes:
+    """``A6.PrepareConf.Req``: one ``(plugin name, JSON config)`` entry per plugin."""
+    fields: list[tuple[int, int | fb.Child]] = []
+    if conf:
+        fields.append((0, (fb.entries_blob(conf), 0)))
+    fields.append((1, (fb.str_blob(key), 0)))
+    return fb.finish(fb.table_blob(fields))
+
+
+def decode_prepare_conf_reply(payload: bytes) -> int:
+    """``A6.PrepareConf.Resp``: the conf token."""
+    try:
+        return fb.read_u32(payload, fb.root_fields(payload, 1)[0])
+    except MalformedMessage:
+        raise
+    except (ValueError, IndexError, struct.error) as exc:
+        raise _guard("PrepareConf reply", exc) from exc
+
+
+def decode_error(payload: bytes) -> int:
+    """``A6.Err.Resp``: the error code, an ``ErrCode`` value if the runner keeps to the
+    schema (an unknown code is returned as it is, for the caller to report)."""
+    try:
+        return fb.read_u8(payload, fb.root_fields(payload, 1)[0])
+    except MalformedMessage:
+        raise
+    except (ValueError, IndexError, struct.error) as exc:
+        raise _guard("error reply", exc) from exc
+
+
+def _u32_field(value: int, what: str) -> int:
+    if not 0 <= value < _U32_LIMIT:
+        raise ValueError(f"{what} {value} does not fit a uint32")
+    return value
+
+
+def encode_req_call(
+    *,
+    conf_token: int,
+    id: int = 0,
+    method: str = "GET",
+    path: str = "/",
+    args: Sequence[Entry] = (),
+    headers: Sequence[tuple[str, str]] = (),
+    src_ip: bytes = _LOCALHOST,
+) -> bytes:
+    """``A6.HTTPReqCall.Req``. An arg whose value is None is sent without one (``?flag``)."""
+    code = METHOD_CODES.get(method)
+    if code is None:
+        raise ValueError(f"the gateway cannot send method {method!r}")
+    fields: list[tuple[int, int | fb.Child]] = []
+    if id:
+        fields.append((0, _u32_field(id, "call id")))
+    fields.append((1, (fb.bytes_blob(src_ip), 0)))
+    if code:
+        fields.append((2, code))
+    fields.append((3, (fb.str_blob(path), 0)))
+    fields.append((4, (fb.entries_blob(args), 0)))
+    fields.append((5, (fb.entries_blob(headers), 0)))
+    if conf_token:
+        fields.append((6, _u32_field(conf_token, "conf token")))
+    return fb.finish(fb.table_blob(fields))
+
+
+@dataclass(frozen=True, slots=True)
+class ReqCallReply:
+    """``A6.HTTPReqCall.Resp`` as the gateway reads it; action None means "pass through"."""
+
+    id: int
+    action: Stop | Rewrite | None
+
+
+def decode_req_call_reply(payload: bytes) -> ReqCallReply:
+    """``A6.HTTPReqCall.Resp`` into the runner's own ``Stop`` and ``Rewrite``.
+
+    Sequences come back as tuples. Header entries without value read as ``""`` in a
+    Stop's headers and a Rewrite's resp_headers (those models hold plain pairs); request
+    headers and args keep None ("delete"). An absent Stop body reads as ``b""`` (no body,
+    as for the gateway); an absent Rewrite path or body as None (unchanged). An action
+    type the schema does not know is malformed: the gateway would ignore the action.
+    """
+    try:
+        call_id_pos, kind_pos, action_pos = fb.root_fields(payload, 3)
+        call_id = fb.read_u32(payload, call_id_pos)
+        kind = fb.read_u8(payload, kind_pos)
+        if kind == 0:
+            return ReqCallReply(call_id, None)
+        if kind not in (_ACTION_STOP, _ACTION_REWRITE):
+            raise MalformedMessage(f"unknown HTTPReqCall action type {kind}")
+        if not action_pos:
+            raise MalformedMessage(f"action type {kind} without an action table")
+        table = fb.deref(payload, action_pos)
+        if kind == _ACTION_STOP:
+            status_pos, headers_pos, body_pos = fb.table_fields(payload, table, 3)
+            stop = Stop(
+                status=fb.read_u16(payload, status_pos),
+                headers=_pairs(fb.read_text_entries(payload, headers_pos)),
+                body=fb.read_bytes(payload, body_pos) or b"",
+            )
+            return ReqCallReply(call_id, stop)
+        path_pos, headers_pos, args_pos, resp_pos, body_pos = fb.table_fields(payload, table, 5)
+        rewrite = Rewrite(
+            path=fb.read_str(payload, path_pos),
+            headers=tuple(fb.read_text_entries(payload, headers_pos)),
+            args=tuple(fb.read_text_entries(payload, args_pos)),
+            resp_headers=_pairs(fb.read_text_entries(payload, resp_pos)),
+            body=fb.read_bytes(payload, body_pos),
+        )
+        return ReqCallReply(call_id, rewrite)
+    except MalformedMessage:
+        raise
+    except (ValueError, IndexError, struct.error) as exc:
+        raise _guard("HTTPReqCall reply", exc) from exc
+
+
+def _pairs(entries: list[Entry]) -> tuple[tuple[str, str], ...]:
+    return tuple((name, value or "") for name, value in entries)
+
+
+def encode_resp_call(
+    *,
+    conf_token: int,
+    id: int = 0,
+    status: int = 200,
+    headers: Sequence[tuple[str, str]] = (),
+) -> bytes:
+    """``A6.HTTPRespCall.Req``: the upstream response's status and headers."""
+    if not 0 <= status < _U16_LIMIT:
+        raise ValueError(f"status {status} does not fit a uint16")
+    fields: list[tuple[int, int | fb.Child]] = []
+    if id:
+        fields.append((0, _u32_field(id, "call id")))
+    if status:
+        fields.append((1, status))
+    fields.append((2, (fb.entries_blob(headers), 0)))
+    if conf_token:
+        fields.append((3, _u32_field(conf_token, "conf token")))
+    return fb.finish(fb.table_blob(fields))
+
+
+@dataclass(frozen=True, slots=True)
+class RespCallReply:
+    """``A6.HTTPRespCall.Resp`` as the gateway reads it: status 0 keeps the upstream's,
+    empty headers keep the upstream's (any other list replaces them all), body None or
+    ``b""`` keeps the upstream's."""
+
+    id: int
+    status: int
+    headers: tuple[Entry, ...]
+    body: bytes | None
+
+
+def decode_resp_call_reply(payload: bytes) -> RespCallReply:
+    try:
+        call_id_pos, status_pos, headers_pos, body_pos = fb.root_fields(payload, 4)
+        return RespCallReply(
+            id=fb.read_u32(payload, call_id_pos),
+            status=fb.read_u16(payload, status_pos),
+            headers=tuple(fb.read_text_entries(payload, headers_pos)),
+            body=fb.read_bytes(payload, body_pos),
+        )
+    except MalformedMessage:
+        raise
+    except (ValueError, IndexError, struct.error) as exc:
+        raise _guard("HTTPRespCall reply", exc) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraInfoQuery:
+    """``A6.ExtraInfo.Req``: ``name`` is the variable's name for ``InfoKind.VAR``
+    (None if the runner sent no Var table), else None."""
+
+    kind: InfoKind
+    name: str | None = None
+
+
+def decode_extra_info_query(payload: bytes) -> ExtraInfoQuery:
+    """``A6.ExtraInfo.Req``. An info type the schema does not know is malformed: the
+    gateway aborts the call and closes the connection."""
+    try:
+        kind_pos, info_pos = fb.root_fields(payload, 2)
+        code = fb.read_u8(payload, kind_pos)
+        try:
+            kind = InfoKind(code)
+        except ValueError:
+            raise MalformedMessage(f"unknown ExtraInfo type {code}") from None
+        if kind is not InfoKind.VAR:
+            return ExtraInfoQuery(kind)
+        if not info_pos:
+            return ExtraInfoQuery(kind)
+        (name_pos,) = fb.table_fields(payload, fb.deref(payload, info_pos), 1)
+        return ExtraInfoQuery(kind, fb.read_str(payload, name_pos))
+    except MalformedMessage:
+        raise
+    except (ValueError, IndexError, struct.error) as exc:
+        raise _guard("ExtraInfo query", exc) from exc
+
+
+def encode_extra_info_reply(result: bytes | None) -> bytes:
+    """``A6.ExtraInfo.Resp``. None sends no result field ("no such value"); ``b""``
+    sends an empty one (the value exists and is empty)."""
+    if result is None:
+        return _EXTRA_INFO_NO_RESULT
+    return fb.finish(fb.table_blob([(0, (fb.bytes_blob(result), 0))]))
+
+
+_EXTRA_INFO_NO_RESULT: Final = fb.finish(fb.table_blob([]))

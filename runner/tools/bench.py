@@ -6,12 +6,18 @@ from the given variables and body. Everything that can be prepared before the cl
 starts is: the request frame is encoded once per connection, and the answer to each
 distinct ExtraInfo query is encoded the first time it is asked and then replayed. In the
 measured loop a reply is judged by its frame type alone; a sample of replies (the first
-of each connection, then every ``verify_every``-th) is decoded in full with the
-generated-code reference codec, so a runner that answers garbage cannot look fast.
+of each connection, then every ``verify_every``-th) is decoded in full and every offset
+checked, so a runner that answers garbage cannot look fast. Messages go through the
+gateway's side of ``runner.protocol.messages``, frames through ``FrameDecoder``.
 
 The runner's CPU time per call comes from ``/proc/<pid>/stat`` (user + system time of
-every thread) sampled at both ends of the measured window, when the process is known:
-spawned by the bench, given with ``--pid``, or found as the listener of the socket.
+every thread) of the runner and all its descendants (a supervisor's workers), sampled at
+both ends of the measured window, when the process is known: spawned by the bench, given
+with ``--pid``, or found as the listener of the socket.
+
+One client process saturates one core: ``--processes N`` shares the connections among N
+child processes and merges their results (latency percentiles over all their calls).
+The command exits with status 1 if more calls failed than ``--max-error-rate`` allows.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -33,12 +40,16 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
 
-from runner.protocol.frame import RPC, encode_frame
-from runner.tools import refcodec
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
+
+from runner.protocol import messages
+from runner.protocol.frame import RPC, FrameDecoder, FrameTooLarge, encode_frame
+from runner.protocol.messages import InfoKind, MalformedMessage, Rewrite, Stop
 from runner.tools.client import Connection, RunnerError, strip_unix_prefix, wait_for_socket
 
 __all__ = [
@@ -48,10 +59,14 @@ __all__ = [
     "SpawnedRunner",
     "find_listener_pid",
     "format_result",
+    "merge_results",
     "parse_conf",
     "process_cpu_seconds",
     "process_rss_kib",
+    "process_tree",
     "run_bench",
+    "run_bench_processes",
+    "split_config",
 ]
 
 Phase = Literal["request", "response"]
@@ -101,6 +116,10 @@ class RequestShape:
     body_size: int = 0  # answered to ReqBody; 0 = no body
     resp_body_size: int = 0  # answered to RespBody (response phase); 0 = no body
     status: int = 200  # the upstream status, response phase
+    body_data: bytes | None = None  # a real request body; replaces body_size's filler
+    resp_body_data: bytes | None = None  # a real upstream body; replaces the filler
+    # The upstream's headers (response phase); None: the request's headers stand in.
+    resp_headers: tuple[tuple[str, str], ...] | None = None
     vars: tuple[tuple[str, str], ...] = tuple(_DEFAULT_VARS.items())
 
     def all_headers(self) -> list[tuple[str, str]]:
@@ -115,10 +134,26 @@ class RequestShape:
         return out
 
     def body(self) -> bytes | None:
+        if self.body_data is not None:
+            return self.body_data
         return _pattern(self.body_size) if self.body_size else None
 
     def resp_body(self) -> bytes | None:
+        if self.resp_body_data is not None:
+            return self.resp_body_data
         return _pattern(self.resp_body_size) if self.resp_body_size else None
+
+    def upstream_headers(self) -> list[tuple[str, str]]:
+        return self.all_headers() if self.resp_headers is None else list(self.resp_headers)
+
+    def describe(self) -> dict[str, Any]:
+        """The shape as JSON can hold it: bodies by their size."""
+        data = asdict(self)
+        del data["body_data"], data["resp_body_data"]
+        body, resp_body = self.body(), self.resp_body()
+        data["body_size"] = len(body) if body is not None else 0
+        data["resp_body_size"] = len(resp_body) if resp_body is not None else 0
+        return data
 
 
 def _pattern(size: int) -> bytes:
@@ -153,7 +188,7 @@ class BenchConfig:
             raise ValueError("requests must be at least 1")
         if self.duration <= 0 or self.warmup < 0 or self.call_timeout <= 0:
             raise ValueError("duration and call_timeout must be positive, warmup not negative")
-        if self.shape.method not in refcodec._METHOD_CODES:
+        if self.shape.method not in messages.METHOD_CODES:
             raise ValueError(f"unknown method {self.shape.method!r}")
 
 
@@ -177,6 +212,7 @@ class BenchResult:
     first_reply: str
     shape: dict[str, Any]
     stopped_by: str  # "requests" or "duration": the bound that ended the run
+    processes: int = 1  # client processes that made the load
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -199,18 +235,57 @@ def percentile(sorted_values: Sequence[int], q: float) -> int:
 # ------------------------------------------------------------------ process facts
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of every thread of ``pid``; None if it cannot be read."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state is [0])."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name may hold spaces and parentheses: split after the last ')'.
-    fields = raw.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return raw.rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant of it (a supervisor's workers, their children)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            fields = _stat_fields(int(proc.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(proc.name))
+    tree = [pid]
+    for parent in tree:  # grows while it is walked: breadth first
+        tree.extend(children.get(parent, ()))
+    return tree
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of ``pid`` and all its descendants, every thread, with
+    the time of children already reaped; None if ``pid`` cannot be read."""
+    total = 0
+    for member in process_tree(pid):
+        fields = _stat_fields(member)
+        if fields is None:
+            if member == pid:
+                return None
+            continue  # exited since the tree was listed
+        # utime, stime, then cutime and cstime: reaped children count in their parent.
+        total += sum(int(f) for f in fields[11:15])
+    return total / _CLK_TCK
 
 
 def process_rss_kib(pid: int) -> int | None:
+    """Resident memory of ``pid`` and all its descendants; None if ``pid`` cannot be read."""
+    total = 0
+    for member in process_tree(pid):
+        rss = _rss_kib(member)
+        if rss is None and member == pid:
+            return None
+        total += rss or 0
+    return total
+
+
+def _rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -329,56 +404,60 @@ class _Run:
             self.t_end = time.perf_counter_ns()
             self.done.set_result(None)
 
-    def answer(self, frame: bytes) -> bytes:
-        """The ExtraInfo answer frame to a query frame, encoded once per distinct query."""
-        cached = self.answers.get(frame)
+    def answer(self, query_payload: bytes) -> bytes:
+        """The ExtraInfo answer frame to a query, encoded once per distinct query.
+
+        Raises MalformedMessage on a query the gateway could not read either."""
+        cached = self.answers.get(query_payload)
         if cached is not None:
             return cached
-        query = refcodec.decode_extra_info_query(frame[4:])
-        if query.kind == "var":
+        query = messages.decode_extra_info_query(query_payload)
+        if query.kind is InfoKind.VAR:
             result = self.vars.get(query.name) if query.name is not None else None
-        elif query.kind == "req_body":
+        elif query.kind is InfoKind.REQ_BODY:
             result = self.body
         else:
             result = self.resp_body if self.config.shape.phase == "response" else None
-        reply = encode_frame(RPC.EXTRA_INFO, refcodec.encode_extra_info_reply(result))
+        reply = encode_frame(RPC.EXTRA_INFO, messages.encode_extra_info_reply(result))
         if len(self.answers) < _MAX_CACHED_ANSWERS:
-            self.answers[frame] = reply
+            self.answers[query_payload] = reply
         return reply
 
-    def verify(self, frame: bytes, call_id: int) -> str | None:
-        """Decode a reply in full with the reference codec; a description, or None if bad."""
+    def verify(self, payload: bytes, call_id: int) -> str | None:
+        """Decode a reply in full; a description, or None if it is malformed or (ids
+        being checked) answers another call."""
         try:
             if self.expect == RPC.HTTP_REQ_CALL:
-                reply = refcodec.decode_req_call_reply(frame[4:])
+                reply = messages.decode_req_call_reply(payload)
                 if self.config.check_id and reply.id != call_id:
                     return None
                 return _describe_action(reply.action)
-            resp = refcodec.decode_resp_call_reply(frame[4:])
-            if self.config.check_id and resp.id != call_id:
-                return None
-            headers = _entries(resp.headers) if resp.headers else "unchanged"
-            body = "unchanged" if resp.body is None else f"{len(resp.body)} bytes"
-            return _shorten(
-                f"response: status {resp.status or 'unchanged'}, headers {headers}, body {body}"
-            )
-        except Exception:
+            resp = messages.decode_resp_call_reply(payload)
+        except MalformedMessage:
             return None
+        if self.config.check_id and resp.id != call_id:
+            return None
+        headers = _entries(resp.headers) if resp.headers else "unchanged"
+        body = "unchanged" if not resp.body else f"{len(resp.body)} bytes"
+        # Not shortened: every header of the reply replaces the upstream's, all matter.
+        return f"response: status {resp.status or 'unchanged'}, headers {headers}, body {body}"
 
 
 def _entries(entries: Sequence[tuple[str, str | None]]) -> str:
-    return ", ".join(name if value is None else f"{name}={value}" for name, value in entries)
+    return ", ".join(
+        name if value is None else f"{name}={_shorten(value, 40)}" for name, value in entries
+    )
 
 
-def _describe_action(action: refcodec.StopAction | refcodec.RewriteAction | None) -> str:
+def _describe_action(action: Stop | Rewrite | None) -> str:
     """One line saying what a reply asks the gateway to do, for the report."""
     if action is None:
         return "pass through"
-    if isinstance(action, refcodec.StopAction):
+    if isinstance(action, Stop):
         text = f"stop: status {action.status}, {len(action.body)}-byte body"
         if action.headers:
             text += f", headers {_entries(action.headers)}"
-        return _shorten(text)
+        return text
     parts = []
     if action.path is not None:
         parts.append(f"path {action.path}")
@@ -390,7 +469,7 @@ def _describe_action(action: refcodec.StopAction | refcodec.RewriteAction | None
         parts.append(f"response headers {_entries(action.resp_headers)}")
     if action.body is not None:
         parts.append(f"{len(action.body)}-byte body")
-    return _shorten("rewrite: " + ("; ".join(parts) or "nothing"))
+    return "rewrite: " + ("; ".join(parts) or "nothing")
 
 
 def _shorten(text: str, limit: int = 160) -> str:
@@ -406,7 +485,7 @@ class _Slot(asyncio.Protocol):
         self.call_id = index  # like the gateway's worker_id << 22 | counter, fixed here
         self.request = run.request_frames[index]
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.frames = FrameDecoder()
         self.busy = False
         self.started = 0
         self.measured = False
@@ -431,25 +510,24 @@ class _Slot(asyncio.Protocol):
         self.transport.write(self.request)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        if not self.buf:
-            # One whole frame per read is the rule on a quiet socket: judge it in place.
-            n = len(data)
-            if n >= 4 and n == 4 + int.from_bytes(data[1:4], "big"):
-                self.on_frame(data[0], data)
+        frames = self.frames
+        # One whole frame per read is the rule on a quiet socket: no buffering then.
+        whole = frames.whole_frame(data)
+        if whole is not None:
+            self.on_frame(*whole)
+            return
+        frames.feed(data)
+        while self.transport is not None:
+            try:
+                frame = frames.next_frame()
+            except FrameTooLarge:  # cannot happen at the protocol's own limit
+                self.fail("unexpected_frame")
                 return
-        buf = self.buf
-        buf += data
-        while len(buf) >= 4:
-            end = 4 + int.from_bytes(buf[1:4], "big")
-            if len(buf) < end:
+            if frame is None:
                 return
-            frame = bytes(buf[:end])
-            del buf[:end]
-            self.on_frame(frame[0], frame)
-            if self.transport is None:
-                return
+            self.on_frame(*frame)
 
-    def on_frame(self, rpc_type: int, frame: bytes) -> None:
+    def on_frame(self, rpc_type: int, payload: bytes) -> None:
         run = self.run
         if not self.busy:
             self.fail("unexpected_frame")
@@ -461,7 +539,7 @@ class _Slot(asyncio.Protocol):
             if self.replies == 1 or (
                 run.config.verify_every and self.replies % run.config.verify_every == 0
             ):
-                described = run.verify(frame, self.call_id)
+                described = run.verify(payload, self.call_id)
                 if described is None:
                     self.end_call("bad_reply", now)
                     return
@@ -476,15 +554,15 @@ class _Slot(asyncio.Protocol):
             self.next(now)
         elif rpc_type == RPC.EXTRA_INFO:
             try:
-                answer = run.answer(frame)
-            except Exception:
+                answer = run.answer(payload)
+            except MalformedMessage:
                 self.fail("bad_extra_info_query")
                 return
             self.transport.write(answer)  # type: ignore[union-attr]
         elif rpc_type == RPC.ERROR:
             try:
-                code = refcodec.decode_error(frame[4:])
-            except Exception:
+                code = messages.decode_error(payload)
+            except MalformedMessage:
                 self.fail("bad_error_frame")
                 return
             self.busy = False
@@ -520,7 +598,7 @@ class _Slot(asyncio.Protocol):
         if self.transport is not None:
             transport, self.transport = self.transport, None
             transport.abort()
-        self.buf.clear()
+        self.frames = FrameDecoder()
         run.check_done()
         if not run.stopping:
             task = run.loop.create_task(_reconnect(run, self.index))
@@ -577,7 +655,7 @@ def _encode_requests(config: BenchConfig, token: int) -> tuple[list[bytes], int]
     frames = []
     for index in range(config.connections):
         if shape.phase == "request":
-            payload = refcodec.encode_req_call(
+            payload = messages.encode_req_call(
                 conf_token=token,
                 id=index,
                 method=shape.method,
@@ -587,8 +665,8 @@ def _encode_requests(config: BenchConfig, token: int) -> tuple[list[bytes], int]
             )
             frames.append(encode_frame(RPC.HTTP_REQ_CALL, payload))
         else:
-            payload = refcodec.encode_resp_call(
-                conf_token=token, id=index, status=shape.status, headers=shape.all_headers()
+            payload = messages.encode_resp_call(
+                conf_token=token, id=index, status=shape.status, headers=shape.upstream_headers()
             )
             frames.append(encode_frame(RPC.HTTP_RESP_CALL, payload))
     expect = RPC.HTTP_REQ_CALL if shape.phase == "request" else RPC.HTTP_RESP_CALL
@@ -596,8 +674,22 @@ def _encode_requests(config: BenchConfig, token: int) -> tuple[list[bytes], int]
 
 
 async def prepare(config: BenchConfig) -> int:
-    """PrepareConf on a connection of its own, as the gateway does; returns the token."""
-    async with await Connection.open(config.socket, io_timeout=config.call_timeout) as conn:
+    """PrepareConf on a connection of its own, as the gateway does; returns the token.
+
+    Raises OSError saying what is at the socket path if nothing accepts connections."""
+    path = strip_unix_prefix(config.socket)
+    try:
+        conn = await Connection.open(path, io_timeout=config.call_timeout)
+    except FileNotFoundError:
+        raise OSError(f"no socket at {path}: is the runner running with this --listen?") from None
+    except ConnectionRefusedError:
+        raise OSError(
+            f"nothing accepts connections on {path}: the runner is not running there"
+            " (a socket file left behind?)"
+        ) from None
+    except OSError as exc:
+        raise OSError(f"cannot connect to the runner at {path}: {exc.strerror or exc}") from None
+    async with conn:
         return await conn.prepare_conf(list(config.conf), config.key)
 
 
@@ -609,6 +701,10 @@ async def run_bench(
     Raises RunnerError if PrepareConf fails (nothing could be measured), OSError if the
     socket does not accept connections.
     """
+    return _result(await _measure(config, progress))
+
+
+async def _measure(config: BenchConfig, progress: Callable[[_Run], None] | None) -> _Run:
     config.check()
     token = await prepare(config)
     frames, expect = _encode_requests(config, token)
@@ -643,17 +739,13 @@ async def run_bench(
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await asyncio.shield(slot.closed)
-    return _result(run)
+    return run
 
 
-def _result(run: _Run) -> BenchResult:
-    config = run.config
-    if not run.measuring:  # stopped before the warm-up ended
-        run.start_window(run.t_end)
-    seconds = max(run.t_end - run.t0, 1) / 1e9
-    lat = sorted(run.latencies)
+def _latency_summary(lat: Sequence[int]) -> dict[str, float]:
+    """Milliseconds, from sorted nanoseconds."""
     ms = 1e-6
-    latency = {
+    return {
         "p50": percentile(lat, 50) * ms,
         "p90": percentile(lat, 90) * ms,
         "p99": percentile(lat, 99) * ms,
@@ -661,6 +753,14 @@ def _result(run: _Run) -> BenchResult:
         "max": (lat[-1] if lat else 0) * ms,
         "mean": (sum(lat) / len(lat) if lat else 0) * ms,
     }
+
+
+def _result(run: _Run) -> BenchResult:
+    config = run.config
+    if not run.measuring:  # stopped before the warm-up ended
+        run.start_window(run.t_end)
+    seconds = max(run.t_end - run.t0, 1) / 1e9
+    latency = _latency_summary(sorted(run.latencies))
     calls = run.completed
     runner_cpu = None
     rss = None
@@ -686,8 +786,152 @@ def _result(run: _Run) -> BenchResult:
         bench_cpu_us_per_call=own,
         reconnects=run.reconnects,
         first_reply=run.first_reply or "none",
-        shape=asdict(config.shape),
+        shape=config.shape.describe(),
         stopped_by=run.stopped_by,
+    )
+
+
+# ------------------------------------------------------------ several processes
+#
+# One client process saturates one core long before a runner with several workers does.
+# With ``processes`` > 1 the load comes from that many child processes, each running
+# ``_measure`` over its share of the connections (and of ``requests``) with the same
+# warm-up and duration, so that their measured windows nearly coincide. Each sends back
+# its result and its raw latencies; percentiles are taken over all of them.
+
+
+def split_config(config: BenchConfig, processes: int) -> list[BenchConfig]:
+    """``config``'s connections and request count shared out among ``processes``."""
+    if not 1 <= processes <= config.connections:
+        raise ValueError("processes must be between 1 and the number of connections")
+
+    def share(total: int, i: int) -> int:
+        return total // processes + (i < total % processes)
+
+    return [
+        replace(
+            config,
+            connections=share(config.connections, i),
+            requests=None if config.requests is None else max(1, share(config.requests, i)),
+        )
+        for i in range(processes)
+    ]
+
+
+_CHILD = "from runner.tools.bench import _client_process; _client_process()"
+
+
+def _client_process() -> None:
+    """A child's life: a pickled BenchConfig on stdin, the pickled ``(BenchResult,
+    latencies)`` on stdout; a failure as text on stderr and status 1."""
+    import uvloop
+
+    config: BenchConfig = pickle.loads(sys.stdin.buffer.read())
+
+    async def main() -> tuple[BenchResult, bytes]:
+        run = await _measure(config, None)
+        return _result(run), run.latencies.tobytes()
+
+    try:
+        outcome = uvloop.run(main())
+    except (RunnerError, OSError, RuntimeError, TimeoutError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        raise SystemExit(1) from None
+    sys.stdout.buffer.write(pickle.dumps(outcome))
+
+
+async def run_bench_processes(
+    config: BenchConfig, processes: int, tick: Callable[[float], None] | None = None
+) -> BenchResult:
+    """``run_bench`` with the load made by ``processes`` child processes, results merged.
+
+    The runner's CPU time per call is its CPU time over the (nearly common) window,
+    averaged over the children's views of it, divided by all the calls. ``tick`` is
+    called with the seconds elapsed, about four times a second.
+    """
+    if processes == 1:
+        return await run_bench(config)
+    shares = split_config(config, processes)
+    for share in shares:
+        share.check()
+    # One PrepareConf first, so that a rejected conf or a missing socket is reported once
+    # and as run_bench reports it (each child prepares again, as gateway workers would).
+    await prepare(config)
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CHILD,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in shares
+    ]
+    started = time.monotonic()
+    waits = asyncio.gather(
+        *(
+            child.communicate(pickle.dumps(share))
+            for child, share in zip(children, shares, strict=True)
+        )
+    )
+    try:
+        while True:
+            done, _ = await asyncio.wait([waits], timeout=0.25)
+            if done:
+                break
+            if tick is not None:
+                tick(time.monotonic() - started)
+        outputs = waits.result()
+    finally:
+        waits.cancel()  # a no-op once done; on cancellation, stop waiting for the pipes
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    parts: list[tuple[BenchResult, bytes]] = []
+    for child, (out, err) in zip(children, outputs, strict=True):
+        if child.returncode != 0:
+            raise RuntimeError(f"a client process failed: {err.decode(errors='replace').strip()}")
+        parts.append(pickle.loads(out))
+    return merge_results(config, parts)
+
+
+def merge_results(config: BenchConfig, parts: Sequence[tuple[BenchResult, bytes]]) -> BenchResult:
+    results = [result for result, _ in parts]
+    latencies = array("q")
+    for _, raw in parts:
+        latencies.frombytes(raw)
+    calls = sum(r.calls for r in results)
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r.errors)
+    # Each child saw the runner's whole CPU time over its window, not a share of it.
+    cpu_views = [
+        r.runner_cpu_us_per_call * r.calls for r in results if r.runner_cpu_us_per_call is not None
+    ]
+    runner_cpu = sum(cpu_views) / len(cpu_views) / calls if cpu_views and calls else None
+    bench_cpu = [
+        r.bench_cpu_us_per_call * r.calls for r in results if r.bench_cpu_us_per_call is not None
+    ]
+    first = results[0]
+    return BenchResult(
+        connections=sum(r.connections for r in results),
+        calls=calls,
+        ok=sum(r.ok for r in results),
+        errors=dict(sorted(errors.items())),
+        seconds=max(r.seconds for r in results),
+        throughput=sum(r.throughput for r in results),
+        latency_ms=_latency_summary(sorted(latencies)),
+        runner_pid=config.pid,
+        runner_cpu_us_per_call=runner_cpu,
+        runner_rss_kib=first.runner_rss_kib,  # every child sees the same processes
+        bench_cpu_us_per_call=sum(bench_cpu) / calls if bench_cpu and calls else None,
+        reconnects=sum(r.reconnects for r in results),
+        first_reply=next((r.first_reply for r in results if r.first_reply != "none"), "none"),
+        shape=first.shape,
+        stopped_by=first.stopped_by,
+        processes=len(results),
     )
 
 
@@ -749,16 +993,25 @@ class SpawnedRunner:
         )
 
     async def start(self, timeout: float = 15.0) -> None:  # noqa: ASYNC109
+        """Launch the runner and wait until it listens; RuntimeError with its output if it
+        exits first (reported at once, not after ``timeout``) or never listens."""
         self.launch()
-        assert self.process is not None
-        try:
-            await wait_for_socket(self.socket, timeout)
-        except TimeoutError:
-            status = self.process.poll()
-            output = self.output()
-            self.stop()
-            what = f"exited with status {status}" if status is not None else "did not listen"
-            raise RuntimeError(f"the runner {what}:\n{output}") from None
+        process = self.process
+        assert process is not None
+        deadline = time.monotonic() + timeout
+        while process.poll() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Short probes, so that a runner that dies at startup is noticed at once.
+            with contextlib.suppress(TimeoutError):
+                await wait_for_socket(self.socket, min(0.2, remaining))
+                return
+        status = process.poll()
+        output = self.output()
+        self.stop()
+        what = f"exited with status {status}" if status is not None else "did not listen"
+        raise RuntimeError(f"the runner {what}:\n{output}")
 
     def output(self) -> str:
         self._log.seek(0)
@@ -787,8 +1040,9 @@ def _fmt_ms(value: float) -> str:
 def format_result(result: BenchResult) -> str:
     lat = result.latency_ms
     lines = [
-        f"{result.calls:,} calls on {result.connections} connection(s) in"
-        f" {result.seconds:.2f} s (stopped by {result.stopped_by})",
+        f"{result.calls:,} calls on {result.connections} connection(s)"
+        + (f" from {result.processes} client processes" if result.processes > 1 else "")
+        + f" in {result.seconds:.2f} s (stopped by {result.stopped_by})",
         f"reply         {result.first_reply}",
         f"throughput    {result.throughput:,.0f} calls/s",
         "latency       "
@@ -817,18 +1071,20 @@ def format_result(result: BenchResult) -> str:
 
 
 class _ProgressBar:
-    """One line on a terminal, redrawn in place; nothing when the stream is not a tty."""
+    """Feeds click's progress bar: the share of the time budget spent (or of the calls
+    made, when a call count ends the run sooner), with calls, rate and errors beside it."""
 
-    def __init__(self, config: BenchConfig, stream: TextIO) -> None:
+    STEPS: Final = 1000
+
+    def __init__(self, config: BenchConfig, bar: ProgressBar[str | None]) -> None:
         self.config = config
-        self.stream = stream
+        self.bar = bar
         self.started = time.monotonic()
         self.last = (0, self.started)
 
     def __call__(self, run: _Run) -> None:
         now = time.monotonic()
-        total = self.config.warmup + self.config.duration
-        fraction = (now - self.started) / total
+        fraction = (now - self.started) / (self.config.warmup + self.config.duration)
         if run.measuring and self.config.requests:
             fraction = max(fraction, run.issued / self.config.requests)
         # The rate counts every reply, warm-up included, so that it never jumps back.
@@ -836,20 +1092,20 @@ class _ProgressBar:
         last_replies, then = self.last
         rate = (replies - last_replies) / (now - then) if now > then else 0.0
         self.last = (replies, now)
-        width = 30
-        filled = min(width, int(fraction * width))
         phase = "measuring" if run.measuring else "warming up"
         shown = run.completed if run.measuring else run.warmup_calls
         errors = sum(run.errors.values())
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {phase} {shown:,} calls"
-            f" {rate:,.0f}/s errors {errors:,}   "
-        )
-        self.stream.flush()
+        self.show(fraction, f"{phase} {shown:,} calls {rate:,.0f}/s errors {errors:,}")
 
-    def clear(self) -> None:
-        self.stream.write("\r" + " " * 90 + "\r")
-        self.stream.flush()
+    def tick(self, elapsed: float) -> None:
+        """Progress by time alone: the load runs in child processes."""
+        budget = self.config.warmup + self.config.duration
+        phase = "warming up" if elapsed < self.config.warmup else "measuring"
+        self.show(elapsed / budget, f"{phase} in client processes")
+
+    def show(self, fraction: float, text: str) -> None:
+        target = min(self.STEPS, int(fraction * self.STEPS))
+        self.bar.update(max(0, target - self.bar.pos), text)
 
 
 # -------------------------------------------------------------------- the command
@@ -916,6 +1172,14 @@ def _args(values: Sequence[str]) -> list[tuple[str, str | None]]:
     default='[{"name": "say", "value": "{}"}]',
 )
 @click.option("-c", "--connections", type=int, default=16, help="Kept-alive connections.")
+@click.option(
+    "-p",
+    "--processes",
+    type=click.IntRange(1),
+    default=1,
+    help="Client processes sharing the connections, for more than one core of load"
+    " (latency percentiles are over all their calls).",
+)
 @click.option("-n", "--requests", type=int, help="Stop after this many measured calls.")
 @click.option("-d", "--duration", type=float, default=10.0, help="Stop after this many seconds.")
 @click.option("--warmup", type=float, default=1.0, help="Seconds of load before measuring.")
@@ -938,9 +1202,36 @@ def _args(values: Sequence[str]) -> list[tuple[str, str | None]]:
 @click.option(
     "--arg", "args", multiple=True, metavar="NAME[=VALUE]", help="A query arg (repeatable)."
 )
-@click.option("--body-size", type=int, default=0, help="Bytes of request body (ReqBody).")
-@click.option("--resp-body-size", type=int, default=0, help="Bytes of upstream body (RespBody).")
+@click.option(
+    "--body",
+    "body_text",
+    metavar="TEXT|@FILE",
+    help="The request body answered to ReqBody (a file's bytes with @FILE).",
+)
+@click.option(
+    "--body-size", type=int, default=0, help="Bytes of filler request body, without --body."
+)
+@click.option(
+    "--resp-body",
+    "resp_body_text",
+    metavar="TEXT|@FILE",
+    help="The upstream body answered to RespBody, response phase (a file's bytes with @FILE).",
+)
+@click.option(
+    "--resp-body-size",
+    type=int,
+    default=0,
+    help="Bytes of filler upstream body, without --resp-body.",
+)
 @click.option("--status", type=int, default=200, help="Upstream status, response phase.")
+@click.option(
+    "--upstream-header",
+    "upstream_headers",
+    multiple=True,
+    metavar="NAME:VALUE",
+    help="A header of the upstream response, response phase (repeatable; default: the"
+    " request's headers stand in).",
+)
 @click.option(
     "--var",
     "variables",
@@ -961,6 +1252,14 @@ def _args(values: Sequence[str]) -> list[tuple[str, str | None]]:
     help="Count a reply whose id is not the request's as a bad reply.",
 )
 @click.option("--call-timeout", type=float, default=60.0, help="Seconds a call may take.")
+@click.option(
+    "--max-error-rate",
+    type=click.FloatRange(0, 100),
+    default=0.0,
+    metavar="PERCENT",
+    help="Exit with status 1 if more than this share of the measured calls failed (so a"
+    " CI job can gate on it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on a terminal.")
 @click.argument("runner_args", nargs=-1, type=click.UNPROCESSED)
@@ -969,6 +1268,7 @@ def bench(
     pid: int | None,
     conf_text: str,
     connections: int,
+    processes: int,
     requests: int | None,
     duration: float,
     warmup: float,
@@ -978,13 +1278,17 @@ def bench(
     header_count: int,
     headers: Sequence[str],
     args: Sequence[str],
+    body_text: str | None,
     body_size: int,
+    resp_body_text: str | None,
     resp_body_size: int,
     status: int,
+    upstream_headers: Sequence[str],
     variables: Sequence[str],
     verify_every: int,
     check_id: bool,
     call_timeout: float,
+    max_error_rate: float,
     as_json: bool,
     progress: bool,
     runner_args: Sequence[str],
@@ -996,6 +1300,10 @@ def bench(
     a6-runner bench -c 16 -d 10                        # spawn a runner, 'say' plugin
     a6-runner bench --conf @conf.json -- --plugins-dir ./my-plugins
     a6-runner bench --socket /tmp/runner.sock -n 100000 --json
+    a6-runner bench --method POST --body @payload.json --max-error-rate 0.1
+    a6-runner bench -p 4 -c 64 --socket /tmp/runner.sock   # four client processes
+
+    Exits with status 1 if more than --max-error-rate percent of the calls failed.
     """
     if conf_text.startswith("@"):
         try:
@@ -1021,6 +1329,11 @@ def bench(
         resp_body_size=resp_body_size,
         status=status,
         vars=tuple(vars_.items()),
+        body_data=_text_or_file(body_text, "--body"),
+        resp_body_data=_text_or_file(resp_body_text, "--resp-body"),
+        resp_headers=tuple(_pairs(upstream_headers, ":", "--upstream-header"))
+        if upstream_headers
+        else None,
     )
     config = BenchConfig(
         socket=socket_path or "",
@@ -1039,24 +1352,60 @@ def bench(
         config.check()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    bar = _ProgressBar(config, sys.stderr) if progress and sys.stderr.isatty() else None
+    if processes > connections:
+        raise click.UsageError("--processes cannot exceed --connections")
     try:
-        result = _run_command(config, runner_args, bar)
+        if progress and sys.stderr.isatty():
+            with click.progressbar(
+                length=_ProgressBar.STEPS,
+                label="bench",
+                file=sys.stderr,
+                width=30,
+                show_eta=False,
+                show_percent=False,
+                item_show_func=lambda text: text,
+            ) as bar:
+                result = _run_command(config, runner_args, processes, _ProgressBar(config, bar))
+        else:
+            result = _run_command(config, runner_args, processes, None)
     except (RunnerError, RuntimeError, OSError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
-    finally:
-        if bar is not None:
-            bar.clear()
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         click.echo(format_result(result))
+    failed = sum(result.errors.values())
+    if not result.calls:
+        raise click.ClickException("no call completed in the measured window")
+    rate = failed / result.calls * 100
+    if rate > max_error_rate:
+        raise click.ClickException(
+            f"{failed:,} of {result.calls:,} calls failed ({rate:.3g}%),"
+            f" more than --max-error-rate {max_error_rate:g}%"
+        )
+
+
+def _text_or_file(value: str | None, option: str) -> bytes | None:
+    """``TEXT`` as UTF-8, or ``@FILE``'s bytes."""
+    if value is None:
+        return None
+    if not value.startswith("@"):
+        return value.encode()
+    try:
+        return Path(value[1:]).read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def _run_command(
-    config: BenchConfig, runner_args: Sequence[str], bar: _ProgressBar | None
+    config: BenchConfig, runner_args: Sequence[str], processes: int, bar: _ProgressBar | None
 ) -> BenchResult:
     import uvloop
+
+    async def drive(config: BenchConfig) -> BenchResult:
+        if processes == 1:
+            return await run_bench(config, bar)
+        return await run_bench_processes(config, processes, None if bar is None else bar.tick)
 
     async def main() -> BenchResult:
         if config.socket:
@@ -1064,13 +1413,22 @@ def _run_command(
             if cfg.pid is None:
                 found = find_listener_pid(strip_unix_prefix(cfg.socket))
                 cfg = replace(cfg, pid=found)
-            return await run_bench(cfg, bar)
+            try:
+                return await drive(cfg)
+            except RunnerError as exc:
+                raise RuntimeError(
+                    f"the runner rejected the conf at PrepareConf ({exc}); its log says why"
+                    " (the runner's output, or the gateway's error.log if the gateway"
+                    " started it)"
+                ) from None
         runner = SpawnedRunner(runner_args)
         await runner.start()
         try:
-            return await run_bench(replace(config, socket=runner.socket, pid=runner.pid), bar)
+            return await drive(replace(config, socket=runner.socket, pid=runner.pid))
         except RunnerError as exc:
-            raise RuntimeError(f"PrepareConf failed: {exc}\n{runner.output()}") from None
+            raise RuntimeError(
+                f"the runner rejected the conf at PrepareConf ({exc}); its log:\n{runner.output()}"
+            ) from None
         finally:
             runner.stop()
 

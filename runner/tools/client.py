@@ -9,8 +9,10 @@ The gateway's conversation, which this module reproduces (``apisix/plugins/ext-p
   request's (or ExtraInfo inside a call) is a protocol violation;
 * PrepareConf is a single round trip: the gateway does not answer ExtraInfo there.
 
-Messages are built and read with ``runner.tools.refcodec`` (the generated code), never with the
-runner's own fast codec, so that the two are checked against each other end to end.
+Messages are built and read with the gateway's side of ``runner.protocol.messages`` and
+frames split by ``FrameDecoder``: the one codec of the tree. The tests hold that codec to
+the generated code (``tests/refcodec.py``), so neither the client nor a runner it drives
+needs ``flatbuffers``.
 
 Unlike the gateway, a RunnerError does not close the connection: the stream is still in
 step, and tests may want to go on using it. Close it yourself to imitate the gateway.
@@ -25,10 +27,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Final, Self, TypeVar
 
-from runner.protocol.frame import HEADER_SIZE, MAX_PAYLOAD, RPC, encode_header
-from runner.tools import refcodec
-from runner.tools.refcodec import (
+from runner.protocol import messages
+from runner.protocol.frame import MAX_PAYLOAD, RPC, FrameDecoder, encode_header
+from runner.protocol.messages import (
     ExtraInfoQuery,
+    InfoKind,
+    MalformedMessage,
     ReqCallReply,
     RespCallReply,
 )
@@ -59,6 +63,7 @@ _ERROR_NAMES: Final = {
 }
 _NO_VARS: Final[Mapping[str, bytes | str]] = MappingProxyType({})
 _LOCALHOST: Final = b"\x7f\x00\x00\x01"
+_READ_SIZE: Final = 1 << 18  # about what the kernel hands over at once for a large frame
 _T = TypeVar("_T")
 
 
@@ -105,6 +110,7 @@ class Connection:
     ) -> None:
         self._reader = reader
         self._writer = writer
+        self._frames = FrameDecoder()
         self._lock = asyncio.Lock()
         self.io_timeout = io_timeout
         """Seconds any single read or write may take; None waits forever."""
@@ -183,30 +189,30 @@ class Connection:
         Raises ProtocolViolation (and closes the connection) if the runner closes the
         connection before a whole frame arrived, and TimeoutError after ``io_timeout``.
         """
-        header = await self._read_exactly(HEADER_SIZE, "a frame header")
-        word = int.from_bytes(header, "big")
-        rpc_type, size = word >> 24, word & 0xFFFFFF
-        if not size:
-            return rpc_type, b""
-        return rpc_type, await self._read_exactly(size, f"a {_frame_name(rpc_type)} payload")
+        while True:
+            frame = self._frames.next_frame()
+            if frame is not None:
+                return frame
+            data = await self._read_some()
+            if not data:
+                self.close()
+                if self._frames.in_frame:
+                    msg = (
+                        "the runner closed the connection in the middle of a frame,"
+                        f" after {self._frames.buffered} bytes of it"
+                    )
+                else:
+                    msg = "the runner closed the connection instead of replying"
+                raise ProtocolViolation(msg)
+            self._frames.feed(data)
 
-    async def _read_exactly(self, size: int, what: str) -> bytes:
+    async def _read_some(self) -> bytes:
         try:
             async with asyncio.timeout(self.io_timeout):
-                return await self._reader.readexactly(size)
-        except asyncio.IncompleteReadError as exc:
-            self.close()
-            if size == HEADER_SIZE and not exc.partial:
-                msg = "the runner closed the connection instead of replying"
-            else:
-                msg = (
-                    f"the runner closed the connection in {what},"
-                    f" after {len(exc.partial)} of {size} bytes"
-                )
-            raise ProtocolViolation(msg) from exc
+                return await self._reader.read(_READ_SIZE)
         except ConnectionError as exc:
             self.close()
-            raise ProtocolViolation(f"connection lost while reading {what}: {exc}") from exc
+            raise ProtocolViolation(f"connection lost while reading a reply: {exc}") from exc
         except TimeoutError:
             # The gateway gives up on the socket too: a late reply would desynchronize it.
             self.close()
@@ -230,13 +236,13 @@ class Connection:
                     self.calls += 1
                     return got_type, got
                 try:
-                    query = refcodec.decode_extra_info_query(got)
-                except Exception as exc:
+                    query = messages.decode_extra_info_query(got)
+                except MalformedMessage as exc:
                     # The gateway aborts the call and drops the socket on a query it cannot read.
                     raise ProtocolViolation(f"undecodable ExtraInfo query: {exc!r}") from exc
                 self.last_queries.append(query)
                 result = answer(query) if answer is not None else None
-                await self.send_frame(RPC.EXTRA_INFO, refcodec.encode_extra_info_reply(result))
+                await self.send_frame(RPC.EXTRA_INFO, messages.encode_extra_info_reply(result))
 
     # -------------------------------------------------------------- the exchanges
 
@@ -248,11 +254,11 @@ class Connection:
         """
         async with self._lock, self._abandon_on_failure():
             self.last_queries = []
-            await self.send_frame(RPC.PREPARE_CONF, refcodec.encode_prepare_conf(conf, key))
+            await self.send_frame(RPC.PREPARE_CONF, messages.encode_prepare_conf(conf, key))
             rpc_type, payload = await self.read_frame()
             self.calls += 1
         self._check_reply(rpc_type, payload, RPC.PREPARE_CONF)
-        return self._decode(refcodec.decode_prepare_conf_reply, payload, "PrepareConf reply")
+        return self._decode(messages.decode_prepare_conf_reply, payload, "PrepareConf reply")
 
     async def req_call(
         self,
@@ -272,7 +278,7 @@ class Connection:
         ExtraInfo queries are answered from ``vars`` (a missing name: no result) and
         ``body`` for ReqBody; RespBody gets no result, as in the gateway's request phase.
         """
-        payload = refcodec.encode_req_call(
+        payload = messages.encode_req_call(
             conf_token=conf_token,
             id=id,
             method=method,
@@ -285,7 +291,7 @@ class Connection:
             RPC.HTTP_REQ_CALL, payload, _answerer(vars, body, None)
         )
         self._check_reply(rpc_type, reply, RPC.HTTP_REQ_CALL)
-        return self._decode(refcodec.decode_req_call_reply, reply, "HTTPReqCall reply")
+        return self._decode(messages.decode_req_call_reply, reply, "HTTPReqCall reply")
 
     async def resp_call(
         self,
@@ -299,14 +305,14 @@ class Connection:
         resp_body: bytes | None = None,
     ) -> RespCallReply:
         """HTTPRespCall: the response phase; ``resp_body`` answers RespBody queries."""
-        payload = refcodec.encode_resp_call(
+        payload = messages.encode_resp_call(
             conf_token=conf_token, id=id, status=status, headers=headers
         )
         rpc_type, reply = await self.call_raw(
             RPC.HTTP_RESP_CALL, payload, _answerer(vars, body, resp_body)
         )
         self._check_reply(rpc_type, reply, RPC.HTTP_RESP_CALL)
-        return self._decode(refcodec.decode_resp_call_reply, reply, "HTTPRespCall reply")
+        return self._decode(messages.decode_resp_call_reply, reply, "HTTPRespCall reply")
 
     # -------------------------------------------------------------------- helpers
 
@@ -326,7 +332,7 @@ class Connection:
 
     def _check_reply(self, rpc_type: int, payload: bytes, expected: RPC) -> None:
         if rpc_type == RPC.ERROR:
-            code = self._decode(refcodec.decode_error, payload, "error frame")
+            code = self._decode(messages.decode_error, payload, "error frame")
             raise RunnerError(code)
         if rpc_type != expected:
             self.close()
@@ -338,21 +344,20 @@ class Connection:
     def _decode(self, decode: Callable[[bytes], _T], payload: bytes, what: str) -> _T:
         try:
             return decode(payload)
-        except Exception as exc:
-            # Whatever the generated code raises on garbage, the runner is at fault.
+        except MalformedMessage as exc:
             self.close()
-            raise ProtocolViolation(f"undecodable {what} ({len(payload)} bytes): {exc!r}") from exc
+            raise ProtocolViolation(f"undecodable {what} ({len(payload)} bytes): {exc}") from exc
 
 
 def _answerer(
     vars: Mapping[str, bytes | str], body: bytes | None, resp_body: bytes | None
 ) -> Answer:
     def answer(query: ExtraInfoQuery) -> bytes | None:
-        if query.kind == "var":
+        if query.kind is InfoKind.VAR:
             value = vars.get(query.name) if query.name is not None else None
             # The gateway sends tostring() of the variable: accept str for convenience.
             return value.encode() if isinstance(value, str) else value
-        if query.kind == "req_body":
+        if query.kind is InfoKind.REQ_BODY:
             return body
         return resp_body
 

@@ -23,7 +23,8 @@ from runner.core.errors import (
 from runner.protocol.frame import RPC, FrameDecoder, FrameTooLarge
 from runner.protocol.messages import ErrCode, InfoKind, MalformedMessage
 from runner.server.lifecycle import load_registry
-from runner.tools.refcodec import (
+from tests.conftest import FIXTURE_PLUGINS
+from tests.refcodec import (
     StopAction,
     decode_error,
     decode_prepare_conf_reply,
@@ -31,7 +32,6 @@ from runner.tools.refcodec import (
     encode_prepare_conf,
     encode_req_call,
 )
-from tests.conftest import FIXTURE_PLUGINS
 
 
 class FakeGateway:

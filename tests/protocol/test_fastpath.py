@@ -3,7 +3,7 @@
 Replies are written straight into their final layout (``runner.protocol.messages``,
 ``flatbuf.table_blob`` and friends). They must equal, byte for byte, what the generic
 builder ``flatbuf.build`` makes from the schema-shaped spec below, and read back field
-for field through the generated code (``runner.tools.refcodec``). Requests are read by a
+for field through the generated code (``tests/refcodec.py``). Requests are read by a
 hand-unrolled decoder: it must see what the generated code sees, or raise
 MalformedMessage, for well-formed and damaged messages alike.
 """
@@ -21,7 +21,7 @@ from runner.protocol import flatbuf as fb
 from runner.protocol import messages as m
 from runner.protocol.flatbuf import MalformedMessage
 from runner.protocol.frame import RPC, FrameDecoder, encode_frame
-from runner.tools import refcodec as ref
+from tests import refcodec as ref
 
 SETTINGS = settings(
     max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]

@@ -1,9 +1,9 @@
 """The runner's fast codec against the generated-code reference, field for field.
 
-Gateway -> runner: messages built by ``runner.tools.refcodec`` (flatc's code and the generic
+Gateway -> runner: messages built by ``tests/refcodec.py`` (flatc's code and the generic
 ``flatbuffers`` builder) must read back identically through ``runner.protocol.messages``.
 Runner -> gateway: replies built by ``runner.protocol.messages`` must read back identically
-through ``runner.tools.refcodec``. Malformed input must raise MalformedMessage and nothing
+through ``tests/refcodec.py``. Malformed input must raise MalformedMessage and nothing
 else: a stray IndexError or struct.error would escape the runner's error handling.
 """
 
@@ -30,7 +30,7 @@ from ext_plugin_proto.A6.PrepareConf import Req as GenPrepReq
 from runner.protocol import flatbuf as fb
 from runner.protocol import messages as m
 from runner.protocol.flatbuf import MalformedMessage
-from runner.tools import refcodec as ref
+from tests import refcodec as ref
 
 # No example database: it would litter the tree, and a failure prints its example anyway.
 BOUNDED = settings(

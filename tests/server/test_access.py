@@ -17,9 +17,9 @@ import pytest
 
 from runner.core.config import Config
 from runner.protocol.frame import RPC, encode_frame
+from runner.protocol.messages import decode_prepare_conf_reply, encode_prepare_conf
 from runner.server import listener as server_module
 from runner.server.listener import StartupError
-from runner.tools.refcodec import decode_prepare_conf_reply, encode_prepare_conf
 from tests.conftest import connect, serving, test_config
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

@@ -7,8 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
+from runner.protocol.messages import Stop
 from runner.tools.client import Connection, wait_for_socket
-from runner.tools.refcodec import StopAction
 from tests.conftest import FIXTURE_PLUGINS
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -30,7 +30,7 @@ async def test_runs_without_lang_or_home_and_keeps_non_utf8_header_bytes(sock_di
             token = await conn.prepare_conf([("test-echo-request", "")], key="route#\u00e9")
             latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # not UTF-8 on the wire
             reply = await conn.req_call(token, headers=[("x-name", latin1)], path="/\u00fc")
-        assert isinstance(reply.action, StopAction)
+        assert isinstance(reply.action, Stop)
         assert b"('x-name', 'caf\\udce9')" in reply.action.body
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):

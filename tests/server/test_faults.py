@@ -23,18 +23,19 @@ import pytest
 from runner.core.chain import Chain
 from runner.core.config import Config
 from runner.protocol.frame import RPC, encode_frame
-from runner.protocol.messages import ErrCode
-from runner.server.listener import RunnerServer
-from runner.tools.client import Connection, RunnerError
-from runner.tools.refcodec import (
-    RewriteAction,
-    StopAction,
+from runner.protocol.messages import (
+    ErrCode,
+    InfoKind,
+    Rewrite,
+    Stop,
     decode_error,
     encode_extra_info_reply,
     encode_prepare_conf,
     encode_req_call,
     encode_resp_call,
 )
+from runner.server.listener import RunnerServer
+from runner.tools.client import Connection, RunnerError
 from tests.conftest import connect, serving, test_config
 
 
@@ -72,7 +73,7 @@ async def still_serves(config: Config, conn: Connection | None = None) -> None:
     token = await conn.prepare_conf([conf("say", body="still here")])
     reply = await conn.req_call(token, id=99)
     assert reply.id == 99
-    assert reply.action == StopAction(200, [], b"still here")
+    assert reply.action == Stop(200, (), b"still here")
 
 
 def no_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -118,7 +119,7 @@ async def test_a_client_that_vanishes_mid_extra_info_cancels_its_call(
         await settled(server, connections=1)
         # The same plugin still serves a gateway that does answer.
         reply = await bystander.req_call(token, vars={"remote_addr": "10.9.8.7"})
-        assert reply.action == StopAction(200, [], b"10.9.8.7")
+        assert reply.action == Stop(200, (), b"10.9.8.7")
     assert not no_errors(caplog)
 
 
@@ -139,7 +140,7 @@ async def test_a_blocking_plugin_whose_client_vanishes_mid_extra_info_frees_its_
         await until(lambda: len(probe.outcomes) == 3)
         assert probe.outcomes == ["ConnectionResetError"] * 3
         reply = await bystander.req_call(token, vars={"remote_addr": "10.0.0.2"})
-        assert reply.action == StopAction(200, [], b"10.0.0.2")
+        assert reply.action == Stop(200, (), b"10.0.0.2")
         await settled(server, connections=1)
 
 
@@ -157,7 +158,7 @@ async def test_a_client_that_vanishes_mid_reply_disturbs_nobody(
                     await conn._reader.readexactly(read)
         await settled(server, connections=1)
         reply = await bystander.req_call(big)  # the same 8 MiB reply, whole, to someone who reads
-        assert isinstance(reply.action, StopAction)
+        assert isinstance(reply.action, Stop)
         assert len(reply.action.body) == 8 << 20
     assert not no_errors(caplog)
 
@@ -280,7 +281,7 @@ async def test_a_reply_over_the_frame_limit_is_an_error_in_both_phases(sock_dir:
         assert info.value.code == ErrCode.SERVICE_UNAVAILABLE
         small = await conn.prepare_conf([conf("test-big-reply", size=60_000)])
         reply = await conn.req_call(small)
-        assert isinstance(reply.action, StopAction)
+        assert isinstance(reply.action, Stop)
         assert len(reply.action.body) == 60_000
 
 
@@ -296,11 +297,11 @@ async def test_a_reply_over_16_mib_never_reaches_the_wire_with_a_wrapped_length(
         rpc_type, payload = await conn.call_raw(
             RPC.HTTP_REQ_CALL,
             encode_req_call(conf_token=token),
-            lambda query: body if query.kind == "req_body" else None,
+            lambda query: body if query.kind is InfoKind.REQ_BODY else None,
         )
         assert (rpc_type, decode_error(payload)) == (RPC.ERROR, ErrCode.SERVICE_UNAVAILABLE)
         reply = await conn.req_call(token, body=b"abc")  # in step
-        assert isinstance(reply.action, RewriteAction)
+        assert isinstance(reply.action, Rewrite)
         assert reply.action.body == b"cba"
 
 
@@ -335,7 +336,7 @@ async def test_a_wrong_frame_type_for_an_extra_info_answer_fails_the_call_and_cl
         assert len(server.dispatcher.cache) == confs_before
         await settled(server, connections=1)
         reply = await bystander.req_call(token, vars={"remote_addr": "1.1.1.1"})
-        assert reply.action == StopAction(200, [], b"1.1.1.1")
+        assert reply.action == Stop(200, (), b"1.1.1.1")
 
 
 async def test_a_garbled_extra_info_answer_fails_the_call_and_keeps_the_connection(
@@ -350,7 +351,7 @@ async def test_a_garbled_extra_info_answer_fails_the_call_and_keeps_the_connecti
         rpc_type, payload = await conn.read_frame()
         assert (rpc_type, decode_error(payload)) == (RPC.ERROR, ErrCode.BAD_REQUEST)
         reply = await conn.req_call(token, vars={"remote_addr": "2.2.2.2"})  # in step
-        assert reply.action == StopAction(200, [], b"2.2.2.2")
+        assert reply.action == Stop(200, (), b"2.2.2.2")
 
 
 async def test_an_extra_info_answer_over_the_frame_limit_closes_the_connection(
@@ -411,7 +412,7 @@ async def test_thousands_of_distinct_confs_stay_bounded_and_never_alias(sock_dir
                 except RunnerError as exc:
                     codes[exc.code] += 1
                     continue
-                assert reply.action == StopAction(200, [], body), (n, token)
+                assert reply.action == Stop(200, (), body), (n, token)
                 found += 1
         assert 0 < found <= limit
         assert set(codes) == {ErrCode.CONF_TOKEN_NOT_FOUND}
@@ -438,7 +439,7 @@ async def test_an_expired_token_is_not_found_and_the_route_is_prepared_again(
             assert info.value.code == ErrCode.CONF_TOKEN_NOT_FOUND
         new = await conn.prepare_conf([conf("say", body="seven")], key)
         assert new not in (old, other)
-        assert (await conn.req_call(new)).action == StopAction(200, [], b"seven")
+        assert (await conn.req_call(new)).action == Stop(200, (), b"seven")
         with pytest.raises(RunnerError):
             await conn.req_call(old)
 
@@ -460,5 +461,5 @@ async def test_a_stop_body_built_from_a_non_utf8_header_value_is_sent(sock_dir: 
         token = await conn.prepare_conf([("test-echo-header", '{"name": "x-name"}')])
         latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")
         reply = await conn.req_call(token, headers=[("x-name", latin1)])
-    assert isinstance(reply.action, StopAction)
+    assert isinstance(reply.action, Stop)
     assert reply.action.body == b"caf\xe9"

@@ -44,9 +44,9 @@ from runner.protocol.frame import (
     FrameTooLarge,
     encode_frame,
 )
-from runner.protocol.messages import InfoKind
+from runner.protocol.messages import InfoKind, Stop
 from runner.server.lifecycle import load_registry
-from runner.tools import refcodec as ref
+from tests import refcodec as ref
 from tests.conftest import FIXTURE_PLUGINS, connect, serving, test_config
 
 BOUNDED = settings(
@@ -698,7 +698,7 @@ async def test_socket_fuzzer_leaves_the_runner_serving(
         # The idle keep-alive connection opened before the storm still works, and so
         # does a new one.
         reply = await bystander.req_call(say, id=1)
-        assert reply.action == ref.StopAction(200, [], b"in-step")
+        assert reply.action == Stop(200, (), b"in-step")
         async with await connect(config) as fresh:
             assert (await fresh.req_call(say, id=2)).id == 2
         # Nothing leaked: only the bystander is left, and it is idle.

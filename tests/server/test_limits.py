@@ -17,15 +17,15 @@ import pytest
 from runner.cli import run as run_command
 from runner.core.config import Config, read_config_file
 from runner.protocol.frame import MAX_PAYLOAD, RPC, encode_frame
-from runner.protocol.messages import ErrCode
-from runner.server.listener import RunnerServer, raise_open_file_limit
-from runner.tools.client import Connection
-from runner.tools.refcodec import (
-    StopAction,
+from runner.protocol.messages import (
+    ErrCode,
+    Stop,
     decode_error,
     decode_prepare_conf_reply,
     encode_prepare_conf,
 )
+from runner.server.listener import RunnerServer, raise_open_file_limit
+from runner.tools.client import Connection
 from tests.conftest import connect, serving, test_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +102,7 @@ async def test_connections_over_the_limit_are_refused_and_the_others_kept(
         try:
             token = await conns[0].prepare_conf([conf("say", body="kept")])
             for conn in conns:
-                assert (await conn.req_call(token)).action == StopAction(200, [], b"kept")
+                assert (await conn.req_call(token)).action == Stop(200, (), b"kept")
             for _ in range(3):
                 async with await connect(config) as extra:
                     # Refused: closed at once, before any exchange.
@@ -216,7 +216,7 @@ def test_idle_keep_alive_connections_are_never_closed_by_the_runner(sock_dir: Pa
                     await asyncio.sleep(0.05)  # any timer now due has fired
                     for c in (conn, *idle):
                         reply = await c.req_call(token)
-                        assert reply.action == StopAction(200, [], b"still open")
+                        assert reply.action == Stop(200, (), b"still open")
                 assert len(server.connections) == 4
             finally:
                 for c in idle:
@@ -246,7 +246,7 @@ async def test_many_idle_connections_are_held_at_once(sock_dir: Path) -> None:
             token = await conns[0].prepare_conf([conf("say", body="pool")])
             await asyncio.sleep(0.2)
             replies = await asyncio.gather(*(c.req_call(token) for c in conns))
-            assert all(r.action == StopAction(200, [], b"pool") for r in replies)
+            assert all(r.action == Stop(200, (), b"pool") for r in replies)
             assert len(server.connections) == 300
         finally:
             for c in conns:

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from runner import __version__
-from runner.protocol.messages import ErrCode
+from runner.protocol.messages import ErrCode, Stop
 from runner.tools.client import Connection, ProtocolViolation, RunnerError, wait_for_socket
-from runner.tools.refcodec import StopAction
 from tests.conftest import FIXTURE_PLUGINS
 from tests.server.test_fuzz import FUZZ_SEED, run_fuzzer
 
@@ -205,7 +204,7 @@ async def test_after_sigkill_a_restart_on_the_same_path_serves_and_old_tokens_ar
             assert info.value.code == ErrCode.CONF_TOKEN_NOT_FOUND
         for i, token in enumerate(new):
             reply = await conn.req_call(token)
-            assert reply.action == StopAction(200, [], f"new {i}".encode())
+            assert reply.action == Stop(200, (), f"new {i}".encode())
     assert f"removed the stale socket file {sock}" in second.output
 
 
@@ -224,7 +223,7 @@ async def test_a_second_runner_on_a_live_socket_refuses_to_start(sock_dir: Path)
             assert f"cannot start: another process is already listening on {sock}" in second.output
             # The first runner is untouched: same socket file, same confs, same connection.
             assert sock.stat().st_ino == inode
-            assert (await conn.req_call(token)).action == StopAction(200, [], b"first")
+            assert (await conn.req_call(token)).action == Stop(200, (), b"first")
         assert first.proc.poll() is None
 
 
@@ -245,7 +244,7 @@ async def test_a_stale_socket_file_is_replaced(sock_dir: Path) -> None:
     async with running(sock):
         conn, token = await say(sock, "fresh")
         async with conn:
-            assert (await conn.req_call(token)).action == StopAction(200, [], b"fresh")
+            assert (await conn.req_call(token)).action == Stop(200, (), b"fresh")
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:47123", "tcp://127.0.0.1:47123"])
@@ -306,7 +305,7 @@ async def test_under_a_hard_limit_too_low_the_runner_warns_and_outlives_running_
                 except (ProtocolViolation, OSError):
                     await asyncio.sleep(0.1)
         async with conn:
-            assert (await conn.req_call(token)).action == StopAction(200, [], b"recovered")
+            assert (await conn.req_call(token)).action == Stop(200, (), b"recovered")
         assert runner.proc.poll() is None
 
 
@@ -323,7 +322,7 @@ async def test_the_process_survives_the_socket_fuzzer(sock_dir: Path) -> None:
         assert runner.proc.poll() is None
         conn, token = await say(sock, "after the storm")
         async with conn:
-            assert (await conn.req_call(token)).action == StopAction(200, [], b"after the storm")
+            assert (await conn.req_call(token)).action == Stop(200, (), b"after the storm")
         runner.signal(signal.SIGTERM)
         assert await runner.exit_status() == 0
     # One line per event: nothing the fuzzer sent produced a traceback.
@@ -357,7 +356,7 @@ async def until_logged(runner: RunnerProcess, text: str) -> None:
 async def hup_answer(sock: Path) -> bytes:
     async with await Connection.open(str(sock)) as conn:
         reply = await conn.req_call(await conn.prepare_conf([("hup", "")]))
-    assert isinstance(reply.action, StopAction)
+    assert isinstance(reply.action, Stop)
     return reply.action.body
 
 

@@ -16,10 +16,9 @@ import pytest
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
 from runner.core.registry import load_registry
-from runner.protocol.messages import ErrCode
+from runner.protocol.messages import ErrCode, Stop
 from runner.server.reload import Reloader
 from runner.tools.client import Connection, RunnerError, wait_for_socket
-from runner.tools.refcodec import StopAction
 from tests.conftest import connect, serving
 
 PLUGIN = """
@@ -87,7 +86,7 @@ async def eventually(condition: Callable[[], bool]) -> bool:
 
 async def answer(conn: Connection, token: int) -> bytes:
     reply = await conn.req_call(token)
-    assert isinstance(reply.action, StopAction)
+    assert isinstance(reply.action, Stop)
     return reply.action.body
 
 
@@ -287,7 +286,7 @@ async def test_a_call_in_flight_finishes_with_the_code_it_started_with(
         assert reloader.check_once()
         go.touch()
         reply = await in_flight
-        assert isinstance(reply.action, StopAction)
+        assert isinstance(reply.action, Stop)
         assert reply.action.body == b"old code"
         assert await answer(conn, await conn.prepare_conf([("hot", "")])) == b"new code"
 

@@ -15,11 +15,11 @@ import runner.server.connection
 from runner.core.cache import ConfCache
 from runner.core.config import Config
 from runner.protocol.frame import RPC, encode_frame
-from runner.protocol.messages import ErrCode
-from runner.tools.client import RunnerError
-from runner.tools.refcodec import (
-    RewriteAction,
-    StopAction,
+from runner.protocol.messages import (
+    ErrCode,
+    InfoKind,
+    Rewrite,
+    Stop,
     decode_error,
     decode_extra_info_query,
     decode_req_call_reply,
@@ -27,6 +27,7 @@ from runner.tools.refcodec import (
     encode_prepare_conf,
     encode_req_call,
 )
+from runner.tools.client import RunnerError
 from tests.conftest import connect, serving, test_config
 
 
@@ -44,7 +45,7 @@ async def test_an_empty_conf_is_valid_and_every_call_passes_through(sock_dir: Pa
             assert reply.id == call_id
             assert reply.action is None
         resp = await conn.resp_call(token, id=5, status=502, headers=[("x", "y")])
-        assert (resp.id, resp.status, resp.headers, resp.body) == (5, 0, [], None)
+        assert (resp.id, resp.status, resp.headers, resp.body) == (5, 0, (), None)
 
 
 async def test_stop_carries_status_headers_and_body(sock_dir: Path) -> None:
@@ -55,7 +56,7 @@ async def test_stop_carries_status_headers_and_body(sock_dir: Path) -> None:
         )
         reply = await conn.req_call(token, id=42)
     assert reply.id == 42
-    assert reply.action == StopAction(403, [("x-why", "policy"), ("x-n", "1")], b"no")
+    assert reply.action == Stop(403, (("x-why", "policy"), ("x-n", "1")), b"no")
 
 
 async def test_a_stop_ends_the_chain(sock_dir: Path) -> None:
@@ -65,7 +66,7 @@ async def test_a_stop_ends_the_chain(sock_dir: Path) -> None:
             [conf("say", status=401, body="first"), conf("test-fail"), conf("say", body="x")]
         )
         reply = await conn.req_call(token)
-    assert reply.action == StopAction(401, [], b"first")
+    assert reply.action == Stop(401, (), b"first")
 
 
 async def test_rewrite_sends_only_what_changed_in_every_field(sock_dir: Path) -> None:
@@ -89,15 +90,15 @@ async def test_rewrite_sends_only_what_changed_in_every_field(sock_dir: Path) ->
             args=[("page", "1"), ("tag", "old"), ("debug", None), ("keep", "")],
         )
     action = reply.action
-    assert isinstance(action, RewriteAction)
+    assert isinstance(action, Rewrite)
     assert action.path == "/v2/items"
     assert sorted(action.headers) == [
         ("X-Set", "1"),
         ("host", "internal.example"),
         ("x-remove", None),
     ]
-    assert action.args == [("page", "2"), ("tag", "old"), ("tag", "new"), ("debug", None)]
-    assert action.resp_headers == [("x-served-by", "a6")]
+    assert action.args == (("page", "2"), ("tag", "old"), ("tag", "new"), ("debug", None))
+    assert action.resp_headers == (("x-served-by", "a6"),)
     assert action.body is None
 
 
@@ -111,7 +112,7 @@ async def test_a_plugin_sees_the_changes_of_the_plugins_before_it(sock_dir: Path
             ]
         )
         reply = await conn.req_call(token, path="/old", args=[("z", None)])
-    assert isinstance(reply.action, StopAction)
+    assert isinstance(reply.action, Stop)
     text = reply.action.body.decode()
     assert "path=/new" in text
     assert "('x-a', '1')" in text
@@ -132,7 +133,7 @@ async def test_request_fields_are_decoded_exactly(sock_dir: Path) -> None:
             headers=[("Accept", "x"), ("accept", "y")],
             src_ip=bytes([0x20, 0x01, 0x0D, 0xB8] + [0] * 11 + [1]),
         )
-    assert isinstance(reply.action, StopAction)
+    assert isinstance(reply.action, Stop)
     assert reply.action.body.decode() == (
         "id=9 method=PATCH path=/p src_ip=2001:db8::1 "
         "args=[('z', None), ('y', ''), ('a', '1'), ('a', '2')] "
@@ -150,13 +151,13 @@ async def test_extra_info_tells_missing_from_empty_and_asks_once(sock_dir: Path)
             token, vars={"remote_addr": b"10.0.0.7", "empty": b""}, body=None
         )
         queries = [(q.kind, q.name) for q in conn.last_queries]
-    assert isinstance(reply.action, StopAction)
+    assert isinstance(reply.action, Stop)
     assert reply.action.body == b"remote_addr='10.0.0.7'\nempty=''\nnope=<none>\n<none>"
     assert queries == [
-        ("var", "remote_addr"),
-        ("var", "empty"),
-        ("var", "nope"),
-        ("req_body", None),
+        (InfoKind.VAR, "remote_addr"),
+        (InfoKind.VAR, "empty"),
+        (InfoKind.VAR, "nope"),
+        (InfoKind.REQ_BODY, None),
     ]
 
 
@@ -171,7 +172,7 @@ async def test_variables_asked_all_at_once_get_their_own_answers(sock_dir: Path)
             reply = await conn.req_call(
                 token, id=call_id, vars={"a": b"1", "b": b"", "c": str(call_id).encode()}
             )
-            assert isinstance(reply.action, StopAction)
+            assert isinstance(reply.action, Stop)
             assert reply.action.body == f"a='1'\nb=''\nnope=None\nc='{call_id}'".encode()
 
 
@@ -193,9 +194,9 @@ async def test_the_answer_to_a_query_given_up_on_goes_to_no_other(sock_dir: Path
         assert kind == RPC.HTTP_REQ_CALL
         reply = decode_req_call_reply(payload)
         assert reply.id == 4
-        assert reply.action == StopAction(200, [], b"fast='quick'")
+        assert reply.action == Stop(200, (), b"fast='quick'")
         # Nothing is left over to spoil the next call.
-        assert isinstance((await conn.req_call(token, vars={"fast": b"x"})).action, StopAction)
+        assert isinstance((await conn.req_call(token, vars={"fast": b"x"})).action, Stop)
 
 
 async def test_a_late_answer_after_the_deadline_does_not_spoil_the_next_call(
@@ -217,7 +218,7 @@ async def test_a_late_answer_after_the_deadline_does_not_spoil_the_next_call(
         await conn.send_frame(RPC.EXTRA_INFO, encode_extra_info_reply(b"10.0.0.1"))
         reply = await conn.req_call(say, id=9)
         assert reply.id == 9
-        assert reply.action == StopAction(200, [], b"next")
+        assert reply.action == Stop(200, (), b"next")
 
 
 @pytest.mark.parametrize("size", [0, 1, 219_000, 5 * 1024 * 1024])
@@ -227,8 +228,8 @@ async def test_request_bodies_of_several_mib_travel_both_ways(sock_dir: Path, si
     async with serving(config), await connect(config) as conn:
         token = await conn.prepare_conf([conf("test-body-size")])
         reply = await conn.req_call(token, body=body, method="POST")
-    assert isinstance(reply.action, RewriteAction)
-    assert reply.action.headers == [("x-body-length", str(size))]
+    assert isinstance(reply.action, Rewrite)
+    assert reply.action.headers == (("x-body-length", str(size)),)
     assert reply.action.body == (body[::-1] if body else b"empty")
 
 
@@ -259,12 +260,12 @@ async def test_response_phase_changes_status_headers_and_body(sock_dir: Path) ->
     assert reply.status == 203
     assert reply.body == b"served by ***"
     # A non-empty list replaces every upstream header: the untouched ones must be in it.
-    assert reply.headers == [
+    assert reply.headers == (
         ("content-type", "text/plain"),
         ("set-cookie", "a=1"),
         ("set-cookie", "b=2"),
         ("x-new", "1"),
-    ]
+    )
 
 
 async def test_response_phase_reads_bodies_and_keeps_headers_when_untouched(
@@ -277,7 +278,7 @@ async def test_response_phase_reads_bodies_and_keeps_headers_when_untouched(
             token, status=404, headers=[("a", "b")], resp_body=b"upstream", body=b"req"
         )
     assert reply.status == 0  # unchanged: the gateway keeps 404
-    assert reply.headers == []  # empty: the gateway keeps the upstream's headers
+    assert reply.headers == ()  # empty: the gateway keeps the upstream's headers
     assert reply.body == b"status=404 body=b'upstream' req_body=b'req'"
 
 
@@ -294,7 +295,7 @@ async def test_unknown_token_is_conf_token_not_found_and_the_connection_lives_on
         assert info.value.code == ErrCode.CONF_TOKEN_NOT_FOUND
         token = await conn.prepare_conf([conf("say", body="ok")])
         reply = await conn.req_call(token)
-    assert isinstance(reply.action, StopAction)
+    assert isinstance(reply.action, Stop)
     assert reply.action.body == b"ok"
 
 
@@ -357,7 +358,7 @@ async def test_a_plugin_that_raises_fails_only_its_call(
             with pytest.raises(RunnerError):
                 await conn.resp_call(bad)
             reply = await conn.req_call(good)
-            assert isinstance(reply.action, StopAction)
+            assert isinstance(reply.action, Stop)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "plugin 'test-fail' raised in on_request (call 77)" in errors[0].getMessage()
     assert errors[0].exc_info is not None
@@ -375,7 +376,7 @@ async def test_a_hanging_plugin_fails_its_call_at_the_deadline_and_others_go_on(
         await asyncio.sleep(0.05)
         for _ in range(20):
             reply = await other.req_call(say)
-            assert isinstance(reply.action, StopAction)
+            assert isinstance(reply.action, Stop)
         assert not stuck.done()  # the other connection was served while this one hung
         with pytest.raises(RunnerError) as info:
             await stuck
@@ -425,7 +426,7 @@ async def test_a_reply_over_16_mib_becomes_an_error_frame(sock_dir: Path) -> Non
         assert info.value.code == ErrCode.SERVICE_UNAVAILABLE
         fits = await conn.prepare_conf([conf("test-big-reply", size=16_000_000)])
         reply = await conn.req_call(fits)
-    assert isinstance(reply.action, StopAction)
+    assert isinstance(reply.action, Stop)
     assert len(reply.action.body) == 16_000_000
 
 
@@ -447,7 +448,7 @@ async def test_bad_frames_get_bad_request_and_the_connection_stays_in_step(
             assert got_type == RPC.ERROR
             assert decode_error(got) == ErrCode.BAD_REQUEST
         reply = await conn.req_call(token)
-    assert isinstance(reply.action, StopAction)
+    assert isinstance(reply.action, Stop)
 
 
 async def test_a_frame_split_into_single_bytes_is_served(sock_dir: Path) -> None:
@@ -481,7 +482,7 @@ async def test_many_kept_alive_connections_while_others_send_garbage(sock_dir: P
                         vars={"remote_addr": f"10.0.0.{n % 250}"},
                     )
                     assert reply.id == n * 100 + i
-                    assert isinstance(reply.action, StopAction)
+                    assert isinstance(reply.action, Stop)
                     if i % 2 == 0:
                         assert reply.action.body == f"remote_addr='10.0.0.{n % 250}'\n".encode()
                 return conn.calls
@@ -543,8 +544,8 @@ async def test_same_route_key_and_conf_reuse_the_token_and_plugin_state(sock_dir
         again = await conn.prepare_conf([conf("test-count")], key=key)
         assert again == first
         reply = await conn.req_call(again)
-        assert isinstance(reply.action, RewriteAction)
-        assert reply.action.headers == [("x-count", "2")]  # one instance per conf
+        assert isinstance(reply.action, Rewrite)
+        assert reply.action.headers == (("x-count", "2"),)  # one instance per conf
         changed = await conn.prepare_conf([conf("test-count", v=2)], key=key)
         assert changed != first
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from runner.plugin import Plugin, Request
-from runner.protocol.messages import ErrCode
+from runner.protocol.messages import ErrCode, InfoKind, Rewrite, Stop
 from runner.tools.client import Connection, ExtraInfoQuery, RunnerError
-from runner.tools.refcodec import RewriteAction, StopAction
 from tests.conftest import connect, serving, test_config
 
 
@@ -95,7 +94,7 @@ async def _fast_calls(conn: Connection, count: int = 10) -> list[bytes]:
     bodies = []
     for i in range(count):
         reply = await conn.req_call(token, id=i)
-        assert isinstance(reply.action, StopAction)
+        assert isinstance(reply.action, Stop)
         bodies.append(reply.action.body)
     return bodies
 
@@ -125,8 +124,8 @@ async def test_a_slow_async_call_does_not_delay_calls_on_other_connections(
         assert GATES.loop_release is not None
         GATES.loop_release.set()
         reply = await held
-    assert isinstance(reply.action, RewriteAction)
-    assert reply.action.headers == [("x-slow", "done")]
+    assert isinstance(reply.action, Rewrite)
+    assert reply.action.headers == (("x-slow", "done"),)
 
 
 async def test_a_blocking_call_runs_off_the_loop_and_stalls_nobody(sock_dir: Path) -> None:
@@ -147,15 +146,15 @@ async def test_a_blocking_call_runs_off_the_loop_and_stalls_nobody(sock_dir: Pat
         # ...and another blocking plugin gets another worker thread.
         quick = await other_blocking.prepare_conf([("blocking-quick", "")])
         reply = await other_blocking.req_call(quick)
-        assert isinstance(reply.action, StopAction)
+        assert isinstance(reply.action, Stop)
         assert reply.action.body.startswith(b"a6-blocking")
         assert not held.done()
 
         GATES.release.set()
         reply = await held
-    assert isinstance(reply.action, RewriteAction)
+    assert isinstance(reply.action, Rewrite)
     # The thread asked the gateway for a variable over the held call's connection.
-    assert reply.action.headers == [("x-blocked-then", "192.0.2.1")]
+    assert reply.action.headers == (("x-blocked-then", "192.0.2.1"),)
 
 
 async def test_a_hung_call_fails_at_the_deadline_and_only_that_call(sock_dir: Path) -> None:
@@ -194,7 +193,7 @@ async def test_a_blocking_call_past_the_deadline_fails_without_holding_its_conne
         assert GATES.late_error is not None
         assert "while its call lasts" in GATES.late_error
         await _fast_calls(slow, count=1)
-        assert slow.last_queries == [ExtraInfoQuery("var", "remote_addr")]
+        assert slow.last_queries == [ExtraInfoQuery(InfoKind.VAR, "remote_addr")]
 
 
 async def test_a_plugin_that_raises_fails_its_own_call_only(sock_dir: Path) -> None:

@@ -38,9 +38,8 @@ from pathlib import Path
 import uvloop
 
 from runner.protocol.frame import RPC, encode_frame
-from runner.protocol.messages import ErrCode
+from runner.protocol.messages import ErrCode, Rewrite, Stop, encode_req_call
 from runner.tools.client import Connection, ProtocolViolation, RunnerError, wait_for_socket
-from runner.tools.refcodec import RewriteAction, StopAction, encode_req_call
 from tests.server.test_fuzz import FuzzFailure, fuzz_connection, prepare_routes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,27 +186,27 @@ class Workload:
         cid = rng.randrange(1 << 32)
         if kind == "say":
             reply = await self.call_route(conn, "say", id=cid)
-            check(reply.id == cid and reply.action == StopAction(201, [], b"hi"), reply)
+            check(reply.id == cid and reply.action == Stop(201, (), b"hi"), reply)
         elif kind == "rewrite":
             reply = await self.call_route(conn, "rewrite", id=cid, args=[("flag", None)])
-            check(isinstance(reply.action, RewriteAction) and reply.action.path == "/new", reply)
+            check(isinstance(reply.action, Rewrite) and reply.action.path == "/new", reply)
         elif kind == "api-key":
             key = rng.choice([None, "k1", "k2", "bad"])
             headers = [] if key is None else [("x-api-key", key)]
             reply = await self.call_route(conn, "api-key", id=cid, headers=headers)
             action = reply.action
             if key is None:
-                check(isinstance(action, StopAction) and action.status == 401, reply)
+                check(isinstance(action, Stop) and action.status == 401, reply)
             elif key == "bad":
-                check(isinstance(action, StopAction) and action.status == 403, reply)
+                check(isinstance(action, Stop) and action.status == 403, reply)
             else:
-                assert isinstance(action, RewriteAction), reply
+                assert isinstance(action, Rewrite), reply
                 assert ("x-ok", "1") in action.headers, reply
         elif kind == "rate-limit":
             addr = f"10.0.{rng.randrange(4)}.{rng.randrange(250)}"
             reply = await self.call_route(conn, "rate-limit", id=cid, vars={"remote_addr": addr})
             assert reply.action is None or (
-                isinstance(reply.action, StopAction) and reply.action.status == 429
+                isinstance(reply.action, Stop) and reply.action.status == 429
             ), reply
         elif kind == "redact-body":
             body = json.dumps({"user": "u", "password": "p" * rng.randrange(1, 2000)}).encode()
@@ -218,14 +217,14 @@ class Workload:
                 headers=[("content-type", "application/json")],
                 body=body,
             )
-            assert isinstance(reply.action, RewriteAction), reply
+            assert isinstance(reply.action, Rewrite), reply
             assert json.loads(reply.action.body or b"") == {"user": "u", "password": "[redacted]"}
         elif kind == "request-info":
             reply = await self.call_route(
                 conn, "request-info", id=cid, vars={"remote_addr": "1.2.3.4"}
             )
-            assert isinstance(reply.action, RewriteAction), reply
-            assert reply.action.headers == [("x-client", "1.2.3.4")], reply
+            assert isinstance(reply.action, Rewrite), reply
+            assert reply.action.headers == (("x-client", "1.2.3.4"),), reply
         elif kind == "response-rewrite":
             reply = await self.call_route(
                 conn, "response-rewrite", id=cid, resp_body=b"a secret here", status=200
@@ -233,15 +232,15 @@ class Workload:
             check(reply.status == 299 and reply.body == b"a * here", reply)
         elif kind == "blocking":
             reply = await self.call_route(conn, "blocking", id=cid, vars={"remote_addr": "5.6.7.8"})
-            assert isinstance(reply.action, RewriteAction), reply
-            assert reply.action.headers == [("x-blocked-for", "0.005:5.6.7.8")], reply
+            assert isinstance(reply.action, Rewrite), reply
+            assert reply.action.headers == (("x-blocked-for", "0.005:5.6.7.8"),), reply
         elif kind == "sleep":
             reply = await self.call_route(conn, "sleep", id=cid)
             check(reply.id == cid and reply.action is None, reply)
         elif kind == "big-body":
             body = rng.randbytes(rng.randrange(MIB, 3 * MIB))
             reply = await self.call_route(conn, "big-body", id=cid, body=body)
-            check(isinstance(reply.action, RewriteAction) and reply.action.body == body[::-1], None)
+            check(isinstance(reply.action, Rewrite) and reply.action.body == body[::-1], None)
         elif kind in ("fail", "hang", "returns"):
             await self.expect_error(
                 conn, kind, ErrCode.SERVICE_UNAVAILABLE, self.call_route(conn, kind, id=cid)
@@ -256,7 +255,7 @@ class Workload:
             body = f"conf-{self.churn_counter}-{rng.random()}"
             token = await conn.prepare_conf(encode([("say", {"body": body})]))
             reply = await conn.req_call(token, id=cid)
-            assert reply.action == StopAction(200, [], body.encode()), reply
+            assert reply.action == Stop(200, (), body.encode()), reply
             self.old_confs.append((token, body))
             del self.old_confs[: -4 * MAX_CONFS]
         elif kind == "old-token":
@@ -271,7 +270,7 @@ class Workload:
                 self.stats.expected["old-token: CONF_TOKEN_NOT_FOUND (evicted)"] += 1
                 return
             # Never another route's plugins: an old token answers with its own conf.
-            assert reply.action == StopAction(200, [], body.encode()), (token, body, reply)
+            assert reply.action == Stop(200, (), body.encode()), (token, body, reply)
         elif kind == "vanish":
             await self.vanish(rng)
         elif kind == "fuzz":

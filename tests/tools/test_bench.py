@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,15 @@ from runner.tools.bench import (
     find_listener_pid,
     format_result,
     parse_conf,
+    process_cpu_seconds,
+    process_rss_kib,
+    process_tree,
     run_bench,
+    run_bench_processes,
+    split_config,
 )
-from runner.tools.client import wait_for_socket
-from tests.conftest import serving, test_config
+from runner.tools.client import RunnerError, wait_for_socket
+from tests.conftest import FIXTURE_PLUGINS, serving, test_config
 
 FLOOR_SERVER = Path(__file__).resolve().parents[2] / "benchmarks" / "floor_server.py"
 
@@ -255,3 +262,138 @@ async def test_a_runner_that_dies_mid_run_is_counted_not_fatal() -> None:
     # (or are refused) for the rest of the run.
     assert set(result.errors) <= {"connection_lost", "connect_failed"}
     assert result.errors.get("connect_failed", 0) > 0
+
+
+FIXTURES = ["--", "--plugins-dir", str(FIXTURE_PLUGINS)]
+
+
+def test_failed_calls_fail_the_command_unless_the_error_rate_allows_them() -> None:
+    args = ["bench", "-n", "40", "-c", "2", "--warmup", "0", "--conf"]
+    conf = '[{"name": "test-fail", "value": "null"}]'
+    failed = CliRunner().invoke(main, [*args, conf, *FIXTURES])
+    assert failed.exit_code == 1, failed.output
+    assert "errors        40 (service_unavailable: 40)" in failed.output
+    assert "40 of 40 calls failed (100%), more than --max-error-rate 0%" in failed.output
+    allowed = CliRunner().invoke(main, [*args, conf, "--max-error-rate", "100", *FIXTURES])
+    assert allowed.exit_code == 0, allowed.output
+
+
+@pytest.mark.parametrize("from_file", [False, True], ids=["text", "file"])
+def test_a_real_request_body_is_answered_to_the_plugin(tmp_path: Path, from_file: bool) -> None:
+    body = '{"order": 17, "items": ["a", "b"]}'
+    if from_file:
+        (tmp_path / "body.json").write_text(body)
+    conf = json.dumps([{"name": "test-echo-vars", "value": {"names": [], "body": True}}])
+    got = CliRunner().invoke(
+        main,
+        [
+            *("bench", "-n", "20", "-c", "1", "--warmup", "0", "--method", "POST"),
+            *("--body", f"@{tmp_path / 'body.json'}" if from_file else body),
+            *("--conf", conf, "--json", *FIXTURES),
+        ],
+    )
+    assert got.exit_code == 0, got.output
+    data = json.loads(got.output)
+    # The plugin stops with a newline and the body it read from the gateway.
+    assert data["first_reply"] == f"stop: status 200, {len(body) + 1}-byte body"
+    assert data["shape"]["body_size"] == len(body)
+
+
+async def test_the_upstream_response_can_be_given(sock_dir: Path) -> None:
+    config = test_config(sock_dir)
+    shape = RequestShape(
+        phase="response",
+        status=404,
+        resp_headers=(("server", "upstream"), ("content-type", "text/plain")),
+        resp_body_data=b"not here",
+    )
+    headers_conf = [("response-rewrite", '{"set_headers": {"x-r": "1"}}')]
+    body_conf = [("test-resp-echo", "")]
+    async with serving(config):
+        headers = await run_bench(bench_config(config.listen, headers_conf, shape=shape))
+        body = await run_bench(bench_config(config.listen, body_conf, shape=shape))
+    assert headers.first_reply == (
+        "response: status unchanged,"
+        " headers server=upstream, content-type=text/plain, x-r=1, body unchanged"
+    )
+    echoed = b"status=404 body=b'not here' req_body=None"
+    assert body.first_reply == (
+        f"response: status unchanged, headers unchanged, body {len(echoed)} bytes"
+    )
+
+
+def test_a_missing_socket_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "nothing-here.sock"
+    got = CliRunner().invoke(main, ["bench", "--socket", str(path), "-n", "5"])
+    assert got.exit_code != 0
+    assert f"no socket at {path}" in got.output
+
+
+async def test_a_conf_rejected_by_a_running_runner_points_at_its_log(sock_dir: Path) -> None:
+    config = test_config(sock_dir)
+    async with serving(config):
+        got = await asyncio.to_thread(
+            CliRunner().invoke,
+            main,
+            ["bench", "--socket", config.listen, "-n", "5", "--conf", '[{"name": "nope"}]'],
+        )
+    assert got.exit_code != 0
+    assert "the runner rejected the conf at PrepareConf (runner error 0 (bad request))" in (
+        got.output
+    )
+    assert "its log says why" in got.output
+
+
+def test_cpu_and_memory_count_every_process_of_the_runner() -> None:
+    # A supervisor with one worker: the worker burns CPU, the parent only waits.
+    script = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]])"
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    burn += "time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", script, burn])
+    try:
+        for _ in range(200):
+            tree = process_tree(parent.pid)
+            cpu = process_cpu_seconds(parent.pid)
+            if len(tree) == 2 and cpu is not None and cpu >= 0.3:
+                break
+            time.sleep(0.05)
+        assert len(tree) == 2
+        assert cpu is not None
+        assert cpu >= 0.3  # the worker's time: the parent only waits
+        total = process_rss_kib(parent.pid)
+        worker = process_rss_kib(tree[1])
+        assert total is not None
+        assert worker is not None
+        assert total > worker  # the parent's memory and the worker's
+    finally:
+        for pid in process_tree(parent.pid)[1:]:
+            os.kill(pid, 9)
+        parent.kill()
+        parent.wait()
+
+
+def test_several_client_processes_share_the_load_and_their_results_are_merged() -> None:
+    got = CliRunner().invoke(
+        main, ["bench", "-p", "2", "-c", "3", "-n", "301", "--warmup", "0", "--json"]
+    )
+    assert got.exit_code == 0, got.output
+    data = json.loads(got.output)
+    assert (data["processes"], data["connections"]) == (2, 3)
+    assert (data["calls"], data["ok"], data["errors"]) == (301, 301, {})
+    assert data["first_reply"] == "stop: status 200, 21-byte body"
+    assert data["latency_ms"]["p50"] <= data["latency_ms"]["max"]
+    assert isinstance(data["runner_cpu_us_per_call"], float)
+
+
+def test_split_config_shares_out_connections_and_calls() -> None:
+    shares = split_config(bench_config("s", [], connections=5, requests=11), 2)
+    assert [(c.connections, c.requests) for c in shares] == [(3, 6), (2, 5)]
+    with pytest.raises(ValueError, match="processes"):
+        split_config(bench_config("s", [], connections=2), 3)
+
+
+async def test_several_processes_report_a_rejected_conf_once(sock_dir: Path) -> None:
+    config = test_config(sock_dir)
+    async with serving(config):
+        with pytest.raises(RunnerError, match="bad request"):
+            await run_bench_processes(bench_config(config.listen, [("nope", "{}")]), 2)

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import main
-from runner.tools.refcodec import RewriteAction
+from runner.protocol.messages import Rewrite
 from tests.conftest import connect, serving, test_config
 
 GOOD = '''
@@ -185,8 +185,8 @@ async def test_new_plugin_named_like_a_module_or_an_example_works_in_tests_and_i
         assert server.dispatcher.registry.names() == [name]
         token = await conn.prepare_conf([(name, '{"value": "served"}')])
         reply = await conn.req_call(token)
-        assert isinstance(reply.action, RewriteAction)
-        assert reply.action.headers == [(f"x-{name}", "served")]
+        assert isinstance(reply.action, Rewrite)
+        assert reply.action.headers == ((f"x-{name}", "served"),)
 
 
 def test_plugins_json_lists_plugins_and_import_errors_as_data(tmp_path: Path) -> None:
