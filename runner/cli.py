@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -27,6 +28,21 @@ def _mode(value: Any) -> int:
         return int(str(value), 8)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not an octal file mode such as 0766") from None
+
+
+def _workers(value: Any) -> int:
+    if str(value).strip().lower() == "auto":
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # no affinity on this platform
+            return os.cpu_count() or 1
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise click.BadParameter(f"{value!r} is not a number of workers (1, 2, ...) nor 'auto'")
+    return count
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,6 +161,16 @@ def main() -> None:
     show_envvar=True,
     help="Watch plugin directories and re-import changed modules.",
 )
+@click.option(
+    "--workers",
+    envvar="A6_RUNNER_WORKERS",
+    default="1",
+    show_default=True,
+    show_envvar=True,
+    help="Worker processes serving the socket, or 'auto' for one per CPU this process "
+    "may run on. With more than 1, a supervisor binds the socket and restarts workers "
+    "that die; 1 is a single process.",
+)
 def run(**options: Any) -> None:
     """Serve plugins on the gateway's Unix socket until SIGTERM or SIGINT."""
     from runner.server.lifecycle import run as run_runner  # keeps `a6-runner --help` fast
@@ -164,6 +190,7 @@ def run(**options: Any) -> None:
         socket_group=options["socket_group"],
         blocking_workers=options["blocking_workers"],
         reload=options["reload"],
+        workers=_workers(options["workers"]),
     )
     setup_logging(config.log_level)
     raise SystemExit(run_runner(config))

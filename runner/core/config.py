@@ -34,6 +34,8 @@ class Config:
     socket_group: str | None = None
     blocking_workers: int = 16
     reload: bool = False
+    # Worker processes serving the socket; 1 is a single process without a supervisor.
+    workers: int = 1
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -65,6 +67,8 @@ class Config:
             raise ValueError("call_timeout and conf_expire_time must be positive")
         if self.max_connections < 1 or self.max_confs < 1 or self.blocking_workers < 1:
             raise ValueError("max_connections, max_confs and blocking_workers must be >= 1")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
         if not 0 <= self.socket_mode <= 0o777:
             raise ValueError(f"socket_mode {self.socket_mode:o} is not a file mode")
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
 
-from runner.core.cache import ConfCache
+from runner.core.cache import ConfCache, SharedConfs
 from runner.core.chain import Chain
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
@@ -37,8 +37,13 @@ def load_registry(config: Config) -> PluginRegistry:
     return registry
 
 
-def build_dispatcher(config: Config, registry: PluginRegistry) -> Dispatcher:
-    cache: ConfCache[Chain] = ConfCache(ttl=config.conf_ttl, maxsize=config.max_confs)
+def build_dispatcher(
+    config: Config, registry: PluginRegistry, shared: SharedConfs[Chain] | None = None
+) -> Dispatcher:
+    """``shared``: the conf store of a worker process (``--workers``)."""
+    cache: ConfCache[Chain] = ConfCache(
+        ttl=config.conf_ttl, maxsize=config.max_confs, shared=shared
+    )
     executor = ThreadPoolExecutor(config.blocking_workers, thread_name_prefix=BLOCKING_THREADS)
     return Dispatcher(
         registry,
@@ -106,6 +111,10 @@ def run(config: Config) -> int:
         return 2
     # Every gateway worker keeps up to 32 connections: make sure we can accept them all.
     raise_open_file_limit(config.max_connections + 64)
+    if config.workers > 1:
+        from runner.server.supervisor import supervise  # forks: only with --workers
+
+        return supervise(config, registry)
     dispatcher = build_dispatcher(config, registry)
     try:
         main = serve_reloading if config.reload else serve
