@@ -49,6 +49,7 @@ from runner.server.listener import (
     prepare_socket_path,
     remove_socket,
 )
+from runner.server.worker import worker_main
 
 log = logging.getLogger("a6.supervisor")
 
@@ -105,7 +106,11 @@ class Supervisor:
             except StartupError as exc:
                 log.error("cannot start: %s", exc)
                 return 1
-            self._store_dir = make_store_dir(self.config.socket_path)
+            try:
+                self._store_dir = make_store_dir(self.config.socket_path)
+            except OSError as exc:
+                log.error("cannot start: cannot create the shared conf store: %s", exc)
+                return 1
             log.info(
                 "listening on unix:%s with %d workers (conf store %s; plugins: %s)",
                 self.config.socket_path,
@@ -124,6 +129,8 @@ class Supervisor:
                 shutil.rmtree(self._store_dir, ignore_errors=True)
             if self._listener is not None:
                 self._listener.close()
+                # Already done by a clean shutdown; here for a start that failed half-way.
+                remove_socket(self.config.socket_path, self._socket_id)
             signal.set_wakeup_fd(-1)
             for sig in _SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
@@ -203,7 +210,13 @@ class Supervisor:
         # Blocked across the fork: the child must not run our handlers (they would wake
         # our loop and act on our state) before it has put back the defaults.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: try again later
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            slot.restart_at = time.monotonic() + MAX_RESTART_DELAY
+            log.error("cannot start worker %d: %s", slot.number, exc)
+            return
         if pid == 0:
             status = 1
             try:
@@ -213,8 +226,6 @@ class Supervisor:
                 for fd in (self._wake_r, self._wake_w, self._alive_w):
                     os.close(fd)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-                from runner.server.worker import worker_main
-
                 status = worker_main(
                     slot.number,
                     self.config,
