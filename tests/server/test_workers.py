@@ -214,19 +214,21 @@ async def test_sigterm_lets_calls_in_flight_on_every_worker_finish_then_exits_0(
     sock_dir: Path,
 ) -> None:
     sock = sock_dir / "runner.sock"
-    runner = RunnerProcess(sock, "--workers", "2")
+    # A grace long enough for a call that the worker may have started a little late on
+    # a busy machine (the default 0.5 s is tested with one process).
+    runner = RunnerProcess(sock, "--workers", "2", "--shutdown-grace", "3")
     try:
         await runner.ready()
         pids = await workers_of(runner, 2)
         async with one_connection_each(sock, pids) as conns:
             token = await next(iter(conns.values())).prepare_conf(
-                [conf("test-slow-pid", seconds=0.3)]
+                [conf("test-slow-pid", seconds=1.0)]
             )
             calls = {
                 pid: asyncio.create_task(conn.req_call(token, id=pid))
                 for pid, conn in conns.items()
             }
-            await asyncio.sleep(0.1)  # both calls are running
+            await asyncio.sleep(0.3)  # both calls are running
             runner.signal(signal.SIGTERM)
             for pid, call in calls.items():
                 reply = await call
@@ -248,10 +250,10 @@ async def test_a_second_sigterm_does_not_cut_the_workers_grace_short(sock_dir: P
         pids = await workers_of(runner, 2)
         async with one_connection_each(sock, pids) as conns:
             token = await next(iter(conns.values())).prepare_conf(
-                [conf("test-slow-pid", seconds=0.6)]
+                [conf("test-slow-pid", seconds=1.0)]
             )
             calls = [asyncio.create_task(c.req_call(token)) for c in conns.values()]
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)  # both calls are running
             runner.signal(signal.SIGTERM)
             await asyncio.sleep(0.1)
             runner.signal(signal.SIGTERM)
@@ -330,7 +332,9 @@ async def test_reload_reaches_every_worker(sock_dir: Path) -> None:
             token = await next(iter(conns.values())).prepare_conf([conf("test-version")])
             for pid, conn in conns.items():
                 assert (await conn.req_call(token)).action == StopAction(200, [], b"v1 %d" % pid)
-            source.write_text('VERSION = "v2"\n' + template)
+            edited = plugins / "version.py.new"  # replaced at once: no half-written file
+            edited.write_text('VERSION = "v2"\n' + template)
+            edited.replace(source)
 
             async def answers() -> set[bytes]:
                 found = set()
@@ -350,4 +354,7 @@ async def test_reload_reaches_every_worker(sock_dir: Path) -> None:
                     if await answers() == want:
                         break
                     await asyncio.sleep(0.1)
-    assert runner.output.count("reloaded plugins after a change to version.py") == 2
+    for pid in pids:
+        assert re.search(
+            rf"pid {pid}\] INFO a6.reload: reloaded plugins after a change", runner.output
+        )
