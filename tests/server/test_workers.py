@@ -358,3 +358,17 @@ async def test_reload_reaches_every_worker(sock_dir: Path) -> None:
         assert re.search(
             rf"pid {pid}\] INFO a6.reload: reloaded plugins after a change", runner.output
         )
+
+
+async def test_a_second_runner_with_workers_on_a_live_socket_refuses_to_start(
+    sock_dir: Path,
+) -> None:
+    sock = sock_dir / "runner.sock"
+    async with running(sock, "--workers", "2") as first:
+        pids = await workers_of(first, 2)
+        inode = sock.stat().st_ino
+        second = RunnerProcess(sock, "--workers", "2")
+        assert await second.exit_status() == 1
+        assert f"cannot start: another process is already listening on {sock}" in second.output
+        assert sock.stat().st_ino == inode
+        assert children(first.pid) == pids  # the first runner's workers are untouched
