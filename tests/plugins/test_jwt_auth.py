@@ -42,7 +42,7 @@ def refusal(config: dict[str, Any], headers: dict[str, str]) -> str:
     stop = run_request(prepare(JwtAuth, config), headers=headers).stop
     assert stop.status == 401
     assert stop.header("content-type") == "application/json"
-    assert stop.header("www-authenticate").startswith('Bearer error="invalid_token"')
+    assert (stop.header("www-authenticate") or "").startswith('Bearer error="invalid_token"')
     reason: str = stop.json()["error"]
     return reason
 

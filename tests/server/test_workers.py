@@ -21,7 +21,7 @@ from runner.protocol.messages import ErrCode
 from runner.tools.client import Connection, ProtocolViolation, RunnerError
 from runner.tools.refcodec import StopAction
 from tests.conftest import FIXTURE_PLUGINS
-from tests.server.test_process import EXIT_TIMEOUT, START_TIMEOUT, RunnerProcess, conf, running
+from tests.server.test_process import EXIT_TIMEOUT, START_TIMEOUT, RunnerProcess, conf
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 
@@ -76,9 +76,9 @@ async def workers_of(runner: RunnerProcess, count: int) -> set[int]:
 async def served_by(conn: Connection) -> int:
     """The pid of the worker at the other end of ``conn`` (a conf of its own asks it)."""
     token = await conn.prepare_conf([conf("test-pid")])
-    reply = await conn.req_call(token)
-    assert reply.action is not None
-    return int(reply.action.body)  # type: ignore[union-attr]
+    action = (await conn.req_call(token)).action
+    assert isinstance(action, StopAction)
+    return int(action.body or b"")
 
 
 @contextlib.asynccontextmanager
@@ -99,6 +99,22 @@ async def one_connection_each(sock: Path, pids: set[int]) -> AsyncIterator[dict[
     finally:
         for conn in opened:
             await conn.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running(sock: Path, *args: str, **kwargs: object) -> AsyncIterator[RunnerProcess]:
+    """``test_process.running``, stopped with SIGTERM as the gateway does (a supervisor
+    killed with SIGKILL leaves its conf store for the next runner to remove)."""
+    runner = RunnerProcess(sock, *args, **kwargs)  # type: ignore[arg-type]
+    try:
+        await runner.ready()
+        yield runner
+    finally:
+        if runner.proc.poll() is None:
+            runner.signal(signal.SIGTERM)
+            with contextlib.suppress(AssertionError):
+                await runner.exit_status()
+        runner.kill()
 
 
 def store_dir(output: str) -> Path:
@@ -339,7 +355,7 @@ async def test_reload_reaches_every_worker(sock_dir: Path) -> None:
             edited.replace(source)
 
             async def answers() -> set[bytes]:
-                found = set()
+                found: set[bytes] = set()
                 for conn in conns.values():
                     try:
                         reply = await conn.req_call(token)
@@ -347,7 +363,8 @@ async def test_reload_reaches_every_worker(sock_dir: Path) -> None:
                         if exc.code != ErrCode.CONF_TOKEN_NOT_FOUND:
                             raise
                         continue
-                    found.add(reply.action.body)  # type: ignore[union-attr]
+                    assert isinstance(reply.action, StopAction)
+                    found.add(reply.action.body or b"")
                 return found
 
             want = {b"v2 %d" % pid for pid in pids}
