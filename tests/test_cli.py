@@ -249,3 +249,23 @@ def test_serving_imports_no_tool_and_no_flatbuffers(tmp_path: Path) -> None:
         or name.startswith("runner.tools")
     )
     assert unwanted == []
+
+
+def test_workers_come_from_the_option_the_environment_or_the_config_file(
+    captured: list[Config], tmp_path: Path
+) -> None:
+    file = tmp_path / "a6.toml"
+    file.write_text("[runner]\nworkers = 2\n")
+    assert invoke(["run", "--workers", "3"]).exit_code == 0
+    assert invoke(["run"], {"A6_RUNNER_WORKERS": "auto"}).exit_code == 0
+    assert invoke(["run", "--config", str(file)]).exit_code == 0
+    # auto: the CPUs this process may run on, not all the machine has.
+    assert [c.workers for c in captured] == [3, len(os.sched_getaffinity(0)), 2]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", ""])
+def test_a_bad_number_of_workers_is_an_error(captured: list[Config], value: str) -> None:
+    result = CliRunner().invoke(main, ["run", "--workers", value])
+    assert result.exit_code == 2
+    assert "is not a number of workers" in result.output
+    assert not captured

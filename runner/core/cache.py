@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from cachetools import TTLCache
 
@@ -54,6 +54,43 @@ class TokenIssuer:
             value += 1
 
 
+class SharedConfs(Protocol[T]):
+    """Confs shared by the worker processes of one runner (``runner.core.confstore``).
+
+    A worker's ConfCache writes each new conf here before its token is replied, and reads
+    here the tokens it does not hold itself (prepared by another worker, or before a
+    restart of this one).
+    """
+
+    def claim(self, token: int, conf: T) -> bool:
+        """Store ``conf`` under ``token`` if no other conf holds it; False if one does."""
+        ...
+
+    def touch(self, token: int, conf: T) -> None:
+        """Restart the lifetime of ``token`` (a re-prepare of the same conf)."""
+        ...
+
+    def load(self, token: int) -> T:
+        """The conf of ``token``, ready to serve; KeyError if it is unknown or expired."""
+        ...
+
+
+class _SharedTTLCache(TTLCache[int, T]):
+    """A TTLCache that looks a token it does not hold up in the shared confs, and keeps
+    what it found. Hits cost what they cost in a plain TTLCache."""
+
+    def __init__(
+        self, maxsize: int, ttl: float, timer: Callable[[], float], shared: SharedConfs[T]
+    ) -> None:
+        super().__init__(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._shared = shared
+
+    def __missing__(self, token: int) -> T:
+        conf = self._shared.load(token)
+        self[token] = conf
+        return conf
+
+
 class ConfCache(Generic[T]):
     """Prepared confs by token, in a ``cachetools.TTLCache``: a token lives ``ttl``
     seconds from when it was stored (or refreshed) and, beyond ``maxsize`` tokens, the
@@ -69,8 +106,14 @@ class ConfCache(Generic[T]):
         maxsize: int,
         timer: Callable[[], float] = time.monotonic,
         issuer: TokenIssuer | None = None,
+        shared: SharedConfs[T] | None = None,
     ) -> None:
-        self._items: TTLCache[int, T] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._items: TTLCache[int, T]
+        if shared is None:
+            self._items = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        else:
+            self._items = _SharedTTLCache(maxsize, ttl, timer, shared)
+        self._shared = shared
         # The conf of a token; KeyError if it is unknown, expired or evicted. The
         # TTLCache's own lookup, for the hot path: get() is one call more per request.
         self.lookup: Callable[[int], T] = self._items.__getitem__
@@ -81,11 +124,17 @@ class ConfCache(Generic[T]):
     def put(self, conf: T) -> int:
         """Store a conf under a new token and return the token."""
         token = self._issuer.issue(self._items.__contains__)
+        # Another worker may have issued the same token (its clock read the same
+        # microsecond): the shared store arbitrates, and the loser takes the next one.
+        while self._shared is not None and not self._shared.claim(token, conf):
+            token = self._issuer.issue(self._items.__contains__)
         self._items[token] = conf
         return token
 
     def refresh(self, token: int, conf: T) -> None:
         """Store again under an existing token, restarting its lifetime."""
+        if self._shared is not None:
+            self._shared.touch(token, conf)
         self._items[token] = conf
 
     def get(self, token: int) -> T | None:

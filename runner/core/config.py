@@ -89,6 +89,23 @@ def parse_optional_bool(raw: object) -> bool | None:
     return parse_bool(raw)
 
 
+def parse_workers(raw: object) -> int:
+    """A number of worker processes, or ``auto``: the CPUs this process may run on
+    (its affinity, so a taskset or a cgroup cpuset is respected)."""
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # no affinity on this platform
+            return os.cpu_count() or 1
+    try:
+        count = parse_int(raw)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{raw!r} is not a number of workers (1, 2, ...) nor 'auto'")
+    return count
+
+
 def parse_str(raw: object) -> str:
     if not isinstance(raw, str):
         raise ValueError(f"{raw!r} is not a string")
@@ -342,6 +359,16 @@ class Config:
         flag=True,
         parse=parse_bool,
         help="Watch plugin directories and re-import changed modules.",
+    )
+    # 1 is a single process without a supervisor (what the runner always was).
+    workers: int = setting(
+        1,
+        metavar="N|auto",
+        parse=parse_workers,
+        check=at_least(1),
+        help="Worker processes serving the socket; auto: one per CPU this process may "
+        "run on. With more than 1, a supervisor binds the socket, forks the workers and "
+        "replaces any that dies.",
     )
 
     @property

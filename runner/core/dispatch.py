@@ -124,13 +124,7 @@ class Dispatcher:
                 if chain is not None and chain.conf == conf:
                     self.cache.refresh(token, chain)
                     return self._frame(RPC.PREPARE_CONF, encode_prepare_conf_reply(token), 0)
-        plugins: list[Plugin[Any]] = []
-        for name, raw in conf:
-            try:
-                plugins.append(self.registry.create(name, raw))
-            except BadRequest as exc:
-                raise ConfRejected(req.key, exc) from exc
-        chain = Chain.build(req.key, conf, plugins)
+        chain = self.build_chain(req.key, conf)
         token = self.cache.put(chain)
         if req.key:
             if len(self._by_key) >= self.cache.maxsize:
@@ -146,8 +140,25 @@ class Dispatcher:
         self.registry = registry
         self.forget_confs()
 
+    def build_chain(self, key: str, conf: tuple[tuple[str, str], ...]) -> Chain:
+        """The chain of one conf, each plugin created with its checked config.
+
+        Also how a worker builds a conf another worker prepared (from the shared store).
+        """
+        plugins: list[Plugin[Any]] = []
+        for name, raw in conf:
+            try:
+                plugins.append(self.registry.create(name, raw))
+            except BadRequest as exc:
+                raise ConfRejected(key, exc) from exc
+        return Chain.build(key, conf, plugins)
+
     def forget_confs(self) -> None:
-        """Drop every prepared conf: the gateway re-prepares on CONF_TOKEN_NOT_FOUND."""
+        """Drop every prepared conf: the gateway re-prepares on CONF_TOKEN_NOT_FOUND.
+
+        (With several workers, a token kept in the shared store is built again from it,
+        with the plugins this worker now has.)
+        """
         self.cache.clear()
         self._by_key.clear()
 

@@ -63,11 +63,13 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, process: str | None = None) -> None:
+    """Log to stderr; each line names its process: ``process`` (e.g. "worker 2 pid 1234",
+    when several processes share the stream), else the pid."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         _Formatter(
-            f"%(asctime)s a6-runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+            f"%(asctime)s a6-runner[{process or os.getpid()}] %(levelname)s %(name)s: %(message)s",
             datefmt="%Y-%m-%dT%H:%M:%S",
         )
     )

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import uvloop
 
 from runner import __version__
-from runner.core.cache import ConfCache
+from runner.core.cache import ConfCache, SharedConfs
 from runner.core.chain import Chain
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
@@ -28,8 +28,13 @@ log = logging.getLogger("a6.app")
 BLOCKING_THREADS = "a6-blocking"
 
 
-def build_dispatcher(config: Config, registry: PluginRegistry) -> Dispatcher:
-    cache: ConfCache[Chain] = ConfCache(ttl=config.conf_ttl, maxsize=config.max_confs)
+def build_dispatcher(
+    config: Config, registry: PluginRegistry, shared: SharedConfs[Chain] | None = None
+) -> Dispatcher:
+    """``shared``: the conf store of a worker process (``--workers``)."""
+    cache: ConfCache[Chain] = ConfCache(
+        ttl=config.conf_ttl, maxsize=config.max_confs, shared=shared
+    )
     executor = ThreadPoolExecutor(config.blocking_workers, thread_name_prefix=BLOCKING_THREADS)
     return Dispatcher(
         registry,
@@ -125,6 +130,10 @@ def run(config: Config) -> int:
         log.error("plugin module %s failed to import: %s", origin, reason)
     # Every gateway worker keeps up to 32 connections: make sure we can accept them all.
     raise_open_file_limit(config.max_connections + 64)
+    if config.workers > 1:
+        from runner.server.supervisor import supervise  # forks: only with --workers
+
+        return supervise(config, registry)
     dispatcher = build_dispatcher(config, registry)
     try:
         main = serve_reloading if config.reload else serve

@@ -27,8 +27,13 @@ class StartupError(Exception):
 class RunnerServer:
     """Owns the listening socket and every live connection."""
 
-    def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, config: Config, dispatcher: Dispatcher, listener: socket.socket | None = None
+    ) -> None:
+        """``listener``: a socket already bound and listening (a worker's, inherited from
+        its supervisor), served as it is; its file is the supervisor's to remove."""
         self.config = config
+        self._listener = listener
         self.dispatcher = dispatcher
         self.connections: set[Connection] = set()
         self.closing = False
@@ -40,10 +45,13 @@ class RunnerServer:
 
     async def start(self) -> None:
         path = self.config.socket_path
-        prepare_socket_path(path)
-        sock = bind_socket(path, self.config.socket_mode, self.config.socket_group)
-        st = path.lstat()
-        self._socket_id = (st.st_dev, st.st_ino)
+        if self._listener is not None:
+            sock = self._listener
+        else:
+            prepare_socket_path(path)
+            sock = bind_socket(path, self.config.socket_mode, self.config.socket_group)
+            st = path.lstat()
+            self._socket_id = (st.st_dev, st.st_ino)
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_unix_server(
@@ -51,7 +59,8 @@ class RunnerServer:
             )
         except OSError as exc:
             sock.close()
-            remove_socket(path, self._socket_id)
+            if self._socket_id is not None:
+                remove_socket(path, self._socket_id)
             raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
 
     async def stop(self) -> None:
@@ -59,7 +68,8 @@ class RunnerServer:
         self.closing = True
         if self._server is not None:
             self._server.close()
-        remove_socket(self.config.socket_path, self._socket_id)
+        if self._socket_id is not None:  # else not ours (a worker's) or never made
+            remove_socket(self.config.socket_path, self._socket_id)
         busy = sum(conn.busy for conn in self.connections)
         for conn in list(self.connections):
             conn.close_when_idle()

@@ -20,6 +20,7 @@ from runner.testing import load_plugin, prepare, run_request
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_NAMES = [
     "api-key",
+    "jwt-auth",
     "rate-limit",
     "redact-body",
     "request-info",

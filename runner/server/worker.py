@@ -1,0 +1,107 @@
+"""One worker process of ``a6-runner run --workers N``: its life after the fork.
+
+A worker serves the listening socket it inherited from the supervisor, with its own
+plugins, conf cache and event loop, and the supervisor's shared conf store for tokens
+it does not hold. It stops like a single runner (SIGTERM or SIGINT: stop accepting,
+let calls in flight finish within the grace, close), and also when its supervisor is
+gone: nobody would own the socket it serves any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvloop
+
+from runner.core.config import Config
+from runner.core.confstore import ConfStore
+from runner.core.dispatch import Dispatcher
+from runner.core.logs import setup_logging
+from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
+from runner.server.lifecycle import build_dispatcher
+from runner.server.listener import RunnerServer
+from runner.server.reload import Reloader
+
+log = logging.getLogger("a6.worker")
+
+
+def worker_main(
+    number: int,
+    config: Config,
+    registry: PluginRegistry,
+    listener: socket.socket,
+    store_dir: Path,
+    supervisor_pipe: int,
+) -> int:
+    """Run worker ``number`` until it is told to stop; its exit status.
+
+    ``supervisor_pipe`` is the read end of a pipe whose write end only the supervisor
+    holds: it reads as end-of-file once the supervisor has exited, however it died.
+    """
+    setup_logging(config.log_level, f"worker {number} pid {os.getpid()}")
+    if config.reload:
+        # The registry inherited from the supervisor was loaded at its start: a worker
+        # started later (a replacement) loads the plugin files as they are now.
+        try:
+            registry = load_registry(config)
+        except PluginLoadError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
+    dispatcher: Dispatcher
+    store = ConfStore(
+        store_dir, config.conf_ttl, lambda key, conf: dispatcher.build_chain(key, conf)
+    )
+    dispatcher = build_dispatcher(config, registry, shared=store)
+    try:
+        uvloop.run(serve_worker(config, dispatcher, listener, supervisor_pipe))
+    finally:
+        if dispatcher.executor is not None:
+            dispatcher.executor.shutdown(wait=False, cancel_futures=True)
+        sys.stderr.flush()
+    # The caller leaves with os._exit: a plugin thread stuck in blocking code does not
+    # hold the worker (as in a single runner), and nothing of the supervisor's runs here.
+    return 0
+
+
+async def serve_worker(
+    config: Config, dispatcher: Dispatcher, listener: socket.socket, supervisor_pipe: int
+) -> None:
+    """Serve until SIGTERM, SIGINT or the supervisor's exit, then shut down gracefully."""
+    server = RunnerServer(config, dispatcher, listener=listener)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def supervisor_gone() -> None:
+        loop.remove_reader(supervisor_pipe)
+        if not stop.is_set():
+            log.warning("the supervisor is gone: stopping")
+            stop.set()
+
+    loop.add_reader(supervisor_pipe, supervisor_gone)
+    watcher: asyncio.Task[None] | None = None
+    if config.reload and config.plugin_dirs:
+        reloader = Reloader(config.plugin_dirs, dispatcher, lambda: load_registry(config))
+        watcher = loop.create_task(reloader.run())
+    log.info("serving")
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        try:
+            await server.stop()
+        finally:
+            loop.remove_reader(supervisor_pipe)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            if watcher is not None:
+                watcher.cancel()
+    log.info("stopped")
