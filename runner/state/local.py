@@ -49,8 +49,8 @@ from runner.state.model import StateUnavailable, Take, add_to_counter, take_from
 T = TypeVar("T")
 Clock = Callable[[], float]
 
-DEFAULT_LOCK_TIMEOUT = 0.05
-_SPINS = 8  # tries after a mere yield to the loop, before waiting 1 ms between tries
+DEFAULT_LOCK_TIMEOUT = 0.1
+_SPINS = 2  # tries after a mere yield to the loop, before waiting 1 ms between tries
 _BACKOFF = 0.001
 _PURGE_EVERY = 64  # write transactions of this process between two sweeps of expired keys
 _PURGE_AT_MOST = 256  # rows per sweep: a sweep never stalls the loop for long
@@ -104,6 +104,8 @@ class LocalBackend:
         self._conn_pid = 0
         self._inherited: list[sqlite3.Connection] = []
         self._writes = 0
+        self._writer_lock: asyncio.Lock | None = None
+        self._writer_loop: asyncio.AbstractEventLoop | None = None
         # Made here, once, by the process that opens the store; this connection waits for
         # the lock (other runners may be creating the same explicit file) and is closed
         # before anyone forks.
@@ -127,13 +129,41 @@ class LocalBackend:
             self._conn, self._conn_pid = conn, pid
         return self._conn
 
-    async def _run(self, op: Callable[[sqlite3.Connection, float], T], transaction: bool) -> T:
-        deadline: float | None = None
+    def _turn(self) -> asyncio.Lock:
+        # One lock per process and loop: a Lock belongs to the loop it first waited on.
+        loop = asyncio.get_running_loop()
+        if self._writer_lock is None or self._writer_loop is not loop:
+            self._writer_lock, self._writer_loop = asyncio.Lock(), loop
+        return self._writer_lock
+
+    async def _run(self, op: Callable[[sqlite3.Connection, float], T], write: bool) -> T:
+        if not write:
+            return await self._attempt(op, write, time.monotonic() + self._lock_timeout)
+        deadline = time.monotonic() + self._lock_timeout
+        # The tasks of this process queue here, in order, so that at most one of them
+        # per process contends for the file lock: the others would only spin.
+        turn = self._turn()
+        if turn.locked():  # the timer is only worth its cost when there is a queue
+            try:
+                async with asyncio.timeout(self._lock_timeout):
+                    await turn.acquire()
+            except TimeoutError:
+                raise self._busy() from None
+        else:
+            await turn.acquire()
+        try:
+            return await self._attempt(op, write, deadline)
+        finally:
+            turn.release()
+
+    async def _attempt(
+        self, op: Callable[[sqlite3.Connection, float], T], write: bool, deadline: float
+    ) -> T:
         tries = 0
         while True:
             try:
                 conn = self._connection()
-                if not transaction:
+                if not write:
                     return op(conn, self._clock())
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -153,29 +183,31 @@ class LocalBackend:
                     self._conn.execute("ROLLBACK")
                 if not _is_busy(exc):
                     raise StateUnavailable(f"local state at {self.path}: {exc}") from exc
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + self._lock_timeout
-            elif now >= deadline:
-                raise StateUnavailable(
-                    f"local state at {self.path}: still locked by another process "
-                    f"after {self._lock_timeout * 1000:.0f} ms"
-                )
+            if time.monotonic() >= deadline:
+                raise self._busy()
             tries += 1
+            # A yield first (the holder is usually done within microseconds), then 1 ms
+            # steps, so that waiters do not take the CPU from the holder on a busy node.
             await asyncio.sleep(0 if tries <= _SPINS else _BACKOFF)
+
+    def _busy(self) -> StateUnavailable:
+        return StateUnavailable(
+            f"local state at {self.path}: still locked by another process "
+            f"after {self._lock_timeout * 1000:.0f} ms"
+        )
 
     async def get(self, key: str) -> bytes | None:
         def op(conn: sqlite3.Connection, now: float) -> bytes | None:
             row = conn.execute(_LIVE, (key, now)).fetchone()
             return None if row is None else bytes(row[0])
 
-        return await self._run(op, transaction=False)
+        return await self._run(op, write=False)
 
     async def set(self, key: str, value: bytes, ttl: float | None) -> None:
         def op(conn: sqlite3.Connection, now: float) -> None:
             conn.execute(_PUT, (key, value, None if ttl is None else now + ttl))
 
-        await self._run(op, transaction=False)
+        await self._run(op, write=True)
 
     async def delete(self, key: str) -> bool:
         def op(conn: sqlite3.Connection, now: float) -> bool:
@@ -183,7 +215,7 @@ class LocalBackend:
             conn.execute("DELETE FROM kv WHERE key = ?", (key,))
             return found
 
-        return await self._run(op, transaction=True)
+        return await self._run(op, write=True)
 
     async def incr(self, key: str, amount: int, ttl: float | None) -> int:
         def op(conn: sqlite3.Connection, now: float) -> int:
@@ -195,7 +227,7 @@ class LocalBackend:
             conn.execute(_PUT, (key, str(value).encode(), expires))
             return value
 
-        return await self._run(op, transaction=True)
+        return await self._run(op, write=True)
 
     async def take(self, key: str, rate: float, burst: int, cost: int) -> Take:
         def op(conn: sqlite3.Connection, now: float) -> Take:
@@ -207,7 +239,7 @@ class LocalBackend:
                 conn.execute(_PUT, (key, stored, now + ttl))
             return answer
 
-        return await self._run(op, transaction=True)
+        return await self._run(op, write=True)
 
     async def close(self) -> None:
         """Close this process's connection; the process that made a temporary file
