@@ -174,7 +174,7 @@ class RedisBackend:
             return  # calls that were in flight together fail together: one line
         self._lost_at = time.monotonic()
         log.warning(
-            "state: lost Redis at %s (%s); state calls fail with StateUnavailable until it is back",
+            "state: lost Redis at %s (%s); state calls raise StateUnavailable until it answers",
             self.where,
             _reason(exc),
         )

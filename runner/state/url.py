@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from runner.state import local, redis_backend
 from runner.state.api import Backend, StateStore
@@ -69,8 +69,10 @@ def open_state(
         connect_timeout = _seconds(params, "connect_timeout", redis_backend.DEFAULT_CONNECT_TIMEOUT)
         retry_interval = _seconds(params, "retry_interval", redis_backend.DEFAULT_RETRY_INTERVAL)
         prefix = params.pop("prefix", redis_backend.DEFAULT_PREFIX)
+        # Rebuilt by hand: urlunsplit would turn unix:///path into unix:/path.
+        rest = url.partition("?")[0] + (f"?{urlencode(params)}" if params else "")
         backend = redis_backend.RedisBackend(
-            urlunsplit(parts._replace(query=urlencode(params))),
+            rest,
             timeout=timeout,
             connect_timeout=connect_timeout,
             retry_interval=retry_interval,
