@@ -6,27 +6,32 @@ supervisor, before it forks the workers -- so every worker inherits the same pat
 process opens its own connection on first use (an SQLite connection must not cross a
 fork; a connection inherited from the parent is set aside, never used or closed).
 
-**Consistency.** A write (``incr``, ``take``, ``delete``) is one ``BEGIN IMMEDIATE``
-transaction: read the row, compute in Python (``model.py``), write, ``COMMIT``. ``BEGIN
-IMMEDIATE`` takes SQLite's write lock (an ``fcntl`` lock on the file, held by the kernel
-for the process) before the read, so two processes can never both read the old value:
-updates are serialised across processes, and a process that dies mid-transaction releases
-the lock with its death and its half-written transaction is rolled back. ``set`` is a
-single statement, atomic by itself. Reads (``get``) take no lock: WAL gives them the last
-committed snapshot while a writer works. The transaction runs with no ``await`` inside,
-so it holds the lock only for its own few microseconds of CPU.
+**Consistency.** Every write (``set``, ``delete``, ``incr``, ``take``) is one ``BEGIN
+IMMEDIATE`` transaction: read the row, compute in Python (``model.py``), write, ``COMMIT``.
+``BEGIN IMMEDIATE`` takes SQLite's write lock (an ``fcntl`` lock on the file, which the
+kernel holds for the process) before the read, so two processes can never both read the
+old value: updates are serialised across processes. A process that dies mid-transaction
+loses the lock with its life and its unfinished transaction is never seen. Reads (``get``)
+take no lock: WAL gives them the last committed snapshot while a writer works. The
+transaction has no ``await`` inside, so the lock is held only for its own microseconds of
+CPU (unless the scheduler preempts the holder: then for the time the holder waits for a core).
 
-**Cost** (``benchmarks/state.py``, one process, tmpfs, ``synchronous=OFF`` since tmpfs has
-no durability to keep): about 10 us for ``get``, 25-30 us for ``incr`` and ``take``, against
-~1-2 us for the memory backend -- see benchmarks/RESULTS.md.
+**Cost.** SQLite's part of an ``incr`` (BEGIN, SELECT, INSERT, COMMIT on tmpfs with
+``synchronous=OFF``, which tmpfs makes free: it has no durability to keep) is ~23 us; the
+whole call ~40-60 us at the median, ``get`` ~10-25 us, ``take`` ~1.5x ``incr``: 10-20x the
+memory backend, ~5x less than Redis over a Unix socket with redis-py. Every write runs in
+the event loop's thread: that is CPU the worker does not spend on other requests.
+``benchmarks/state.py`` prints the numbers side by side.
 
 **Contention.** The connection's busy timeout is 0: SQLite's own busy handler would sleep
-*in the event loop's thread* (1 ms, then longer). Instead a busy lock returns at once, the
-call yields to the event loop (``sleep(0)`` a few times, then 1 ms steps) and tries again,
-so the loop keeps serving other requests while it waits. A call that has not got the lock
-after ``lock_timeout`` (default 50 ms) raises ``StateUnavailable``; with the lock held only
-for microseconds that means a worker stopped while holding it, or far more writers than
-the node can serve.
+*in the event loop's thread* (1 ms, then longer). Instead the tasks of one process queue
+on an ``asyncio.Lock``, and the one at the head, when SQLite says the file is locked by
+another process, yields to the loop and tries again (twice at once, then every 1 ms), so
+the loop keeps serving other requests meanwhile. A call that has not got the lock after
+``lock_timeout`` (default 100 ms, counted from the call) raises ``StateUnavailable``:
+with the lock held for microseconds, that takes a worker stopped while holding it or a
+node far more loaded than it can serve. (On this project's 2-core test machine at load 6,
+four workers hammering one key saw a p99 wait of ~50 ms: preempted holders.)
 
 **Limits.** Node-local only (never put the file on a network filesystem); clock is the
 wall clock (``time.time``), shared by every process on the node.
