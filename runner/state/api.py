@@ -151,8 +151,10 @@ class State:
 class StateStore:
     """The runner's one shared state, opened by ``open_state``; the server owns it.
 
-    Plugins never see the store, only ``State`` handles from ``for_plugin``. Close it once,
-    when the process that uses it is done.
+    Plugins never see the store, only ``State`` handles from ``for_plugin``. Open it once,
+    before forking workers; each process then uses it from its one event loop (a Redis
+    connection belongs to the loop that made it) and closes it when done. The process
+    that opened a ``local://`` store closes it last: that removes the file.
     """
 
     __slots__ = ("_backend", "url")

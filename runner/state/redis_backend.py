@@ -152,6 +152,9 @@ class RedisBackend:
     async def _call(self, command: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
         client = self._client()
         if self._lost_at is not None:
+            if self._probe is None or self._probe.done():
+                # The probe went with a loop that has ended (a test's, a restarted worker's).
+                self._probe = asyncio.get_running_loop().create_task(self._reconnect())
             raise StateUnavailable(
                 f"Redis at {self.where} is unreachable; retrying every {self._retry_interval} s"
             )
