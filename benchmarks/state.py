@@ -5,12 +5,18 @@ latency a plugin pays per call, not a throughput under load. Redis is a redis-se
 script starts on a Unix socket in a temporary directory (skipped if it is not installed).
 Prints the median over ``--repeats`` runs of ``--ops`` calls, in microseconds per call:
 
-    .venv/bin/python benchmarks/state.py [--ops 2000] [--repeats 7]
+    .venv/bin/python benchmarks/state.py [--ops 2000] [--repeats 7] [--processes 4]
+
+With ``--processes N`` it also forks N workers that ``take`` from one bucket of the local
+backend at once (a store opened before the fork, as the runner's supervisor opens it) and
+prints the calls a second they manage together and their latency percentiles: what the
+lock costs when it is contended.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shutil
 import socket
 import statistics
@@ -74,10 +80,53 @@ async def measure(url: str, ops: int, repeats: int) -> dict[str, float]:
         return result
 
 
+def contended(processes: int, ops: int) -> str:
+    """Forked workers taking from one local bucket together."""
+    store = open_state("local://?lock_timeout=10")
+    ctx = multiprocessing.get_context("fork")
+    go, results = ctx.Event(), ctx.Queue()
+
+    def worker() -> None:
+        async def work() -> list[float]:
+            state, latencies = store.for_plugin("bench"), []
+            for _ in range(ops):
+                start = time.perf_counter()
+                await state.take("one-client", rate=1e6, burst=1_000_000)
+                latencies.append(time.perf_counter() - start)
+            await store.close()
+            return latencies
+
+        go.wait()
+        results.put(uvloop.run(work()))
+
+    workers = [ctx.Process(target=worker) for _ in range(processes)]
+    for process in workers:
+        process.start()
+    start = time.perf_counter()
+    go.set()
+    latencies = sorted(t for _ in workers for t in results.get())
+    elapsed = time.perf_counter() - start
+    for process in workers:
+        process.join()
+    uvloop.run(store.close())
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1e6
+
+    return (
+        f"local, {processes} processes on one bucket: {len(latencies) / elapsed:.0f} takes/s "
+        f"together; us per take p50 {pct(0.5):.0f}, p90 {pct(0.9):.0f}, p99 {pct(0.99):.0f}, "
+        f"max {latencies[-1] * 1e6:.0f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ops", type=int, default=2000, help="calls per run")
     parser.add_argument("--repeats", type=int, default=7, help="runs; the median is shown")
+    parser.add_argument(
+        "--processes", type=int, default=0, help="also measure N workers on one local bucket"
+    )
     args = parser.parse_args()
 
     directory = Path(tempfile.mkdtemp(prefix="a6-bench-"))
@@ -101,6 +150,8 @@ def main() -> None:
         print(f"{operation:<10}" + "".join(f"{c[operation]:>14.1f}" for c in columns.values()))
     if redis is None:
         print("redis: skipped, redis-server is not installed")
+    if args.processes:
+        print(contended(args.processes, args.ops))
 
 
 if __name__ == "__main__":
