@@ -17,7 +17,9 @@ from tests.state.conftest import RedisServer, eventually, needs_redis
 
 pytestmark = needs_redis
 
-FAST = {"timeout": "0.05", "connect_timeout": "0.05", "retry_interval": "0.05"}
+# Bounds far above a healthy reply, even on a busy CI machine (a spurious timeout would be
+# a second "lost" line), and far below a hang.
+FAST = {"timeout": "0.25", "connect_timeout": "0.25", "retry_interval": "0.05"}
 NEVER_HANGS = 5.0
 
 
