@@ -52,13 +52,21 @@ def open_state(
     """
     parts = urlsplit(url)
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
+
+    def refuse_unknown_options() -> None:
+        # Before any backend is made: a refused URL must leave no temporary file behind.
+        if params:
+            raise ValueError(f"state url {url!r}: unknown option(s) {', '.join(sorted(params))}")
+
     backend: Backend
     if parts.scheme == "memory":
+        refuse_unknown_options()
         backend = MemoryBackend() if clock is None else MemoryBackend(clock)
     elif parts.scheme == "local":
         if parts.netloc:
             raise ValueError(f"state url {url!r}: write local:///absolute/path (three slashes)")
         lock_timeout = _seconds(params, "lock_timeout", local.DEFAULT_LOCK_TIMEOUT)
+        refuse_unknown_options()
         path = Path(parts.path) if parts.path else None
         if clock is None:
             backend = local.LocalBackend(path, lock_timeout=lock_timeout)
@@ -69,7 +77,8 @@ def open_state(
         connect_timeout = _seconds(params, "connect_timeout", redis_backend.DEFAULT_CONNECT_TIMEOUT)
         retry_interval = _seconds(params, "retry_interval", redis_backend.DEFAULT_RETRY_INTERVAL)
         prefix = params.pop("prefix", redis_backend.DEFAULT_PREFIX)
-        # Rebuilt by hand: urlunsplit would turn unix:///path into unix:/path.
+        # The other options are redis-py's (db, password, ...). Rebuilt by hand:
+        # urlunsplit would turn unix:///path into unix:/path.
         rest = url.partition("?")[0] + (f"?{urlencode(params)}" if params else "")
         backend = redis_backend.RedisBackend(
             rest,
@@ -78,14 +87,11 @@ def open_state(
             retry_interval=retry_interval,
             prefix=prefix,
         )
-        params.clear()  # the rest is redis-py's to read
     else:
         raise ValueError(
             f"state url {url!r}: unknown scheme; use local://, memory://, redis://, "
             "rediss:// or unix://"
         )
-    if params:
-        raise ValueError(f"state url {url!r}: unknown option(s) {', '.join(sorted(params))}")
     return StateStore(backend, redact_url(url))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.state import open_state
+from runner.state import local, open_state
 
 
 @pytest.mark.parametrize(
@@ -55,6 +55,11 @@ def test_the_password_stays_out_of_what_is_logged() -> None:
         ("local://?lock_timeout=inf", "positive number"),
     ],
 )
-def test_a_wrong_url_is_refused_with_its_reason(url: str, complaint: str) -> None:
+def test_a_wrong_url_is_refused_with_its_reason(
+    url: str, complaint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Temporary state files go to tmp_path, so other runs on this machine cannot interfere.
+    monkeypatch.setattr(local, "_tmpfs", lambda: str(tmp_path))
     with pytest.raises(ValueError, match=complaint):
         open_state(url)
+    assert not list(tmp_path.iterdir()), "a refused URL left a temporary state file behind"
