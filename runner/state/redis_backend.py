@@ -13,7 +13,8 @@ reply, redis-py's own retries off, and an ``asyncio.timeout`` of both together o
 call in case any other step stalls. A call that fails that way raises ``StateUnavailable``
 and marks Redis *lost* (one warning in the log); while lost, calls raise
 ``StateUnavailable`` at once instead of each waiting its timeout, and one background task
-PINGs every ``retry_interval`` until Redis answers, then marks it *back* (one more line).
+PINGs (at once, then every ``retry_interval``) until Redis answers, then marks it *back*
+(one more line).
 Errors that are the plugin's (``incr`` on text) raise ``ValueError`` and lose nothing.
 
 **Processes.** The client is made on first use in each process (and again after a fork),
@@ -185,14 +186,15 @@ class RedisBackend:
 
     async def _reconnect(self) -> None:
         client = self._client()
+        # The first PING goes at once: after one slow reply from a live Redis, calls are
+        # refused for one round trip, not for a whole retry_interval.
         while True:
-            await asyncio.sleep(self._retry_interval)
             try:
                 async with asyncio.timeout(self._connect_timeout + self._timeout):
                     await client.ping()
+                break
             except (RedisError, OSError, TimeoutError):
-                continue
-            break
+                await asyncio.sleep(self._retry_interval)
         lost_for = time.monotonic() - (self._lost_at or 0.0)
         self._lost_at, self._probe = None, None
         log.warning("state: Redis at %s is back after %.1f s", self.where, lost_for)
