@@ -43,7 +43,6 @@ def build_dispatcher(config: Config, registry: PluginRegistry) -> Dispatcher:
     return Dispatcher(
         registry,
         cache,
-        call_timeout=config.call_timeout,
         max_frame_size=config.max_frame_size,
         executor=executor,
     )
