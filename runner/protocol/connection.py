@@ -349,6 +349,11 @@ class Exchange(Generic[W]):
         return len(self._backlog) >= self.max_backlog
 
     @property
+    def has_backlog(self) -> bool:
+        """True if frames wait to be served (``next_event`` gives them once idle)."""
+        return bool(self._backlog)
+
+    @property
     def in_frame(self) -> bool:
         """True if part of a frame has been received."""
         return self._decoder.in_frame

@@ -193,10 +193,13 @@ class Connection(asyncio.Protocol):
     def _after_call(self) -> None:
         if self._transport is None:
             return
-        if self._exchange.must_close:
+        exchange = self._exchange
+        if exchange.must_close:
             self._close()
             return
-        self._serve_events()  # the frames that waited behind the call
+        # Frames left in the decoder were all taken (into the backlog) as they came.
+        if exchange.has_backlog:
+            self._serve_events()  # the frames that waited behind the call
         if self._server.closing and self._task is None:
             self._close()
 

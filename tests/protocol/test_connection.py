@@ -235,6 +235,7 @@ def test_pipelined_requests_wait_behind_the_running_call_and_are_served_in_order
     assert ex.next_event() == Call(RPC.HTTP_REQ_CALL, frames[0][4:])
     first = ex.call_waits(now=0.0)  # it must wait: the others wait behind it
     assert ex.next_event() is None
+    assert ex.has_backlog
     assert ex.whole_call(request(9)) is None
     assert ex.call_done(first, b"r0") == b"r0"
     assert ex.next_event() == Call(RPC.HTTP_REQ_CALL, frames[1][4:])  # answered at once
@@ -243,6 +244,7 @@ def test_pipelined_requests_wait_behind_the_running_call_and_are_served_in_order
     assert ex.next_event() is None
     assert ex.call_done(third, b"r2") == b"r2"
     assert events(ex) == [Call(RPC.HTTP_REQ_CALL, frames[3][4:])]
+    assert not ex.has_backlog
 
 
 def test_reading_pauses_at_the_backlog_bound_and_resumes_when_it_drains() -> None:
