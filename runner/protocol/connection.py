@@ -134,7 +134,6 @@ class Exchange(Generic[W]):
         "_call_due",
         "_calls",
         "_close_after_call",
-        "_closed",
         "_decoder",
         "_error_frame",
         "_queries",
@@ -142,6 +141,7 @@ class Exchange(Generic[W]):
         "_stall_since",
         "call_timeout",
         "max_backlog",
+        "must_close",
         "stall_timeout",
     )
 
@@ -168,7 +168,9 @@ class Exchange(Generic[W]):
         self._call: int | None = None  # the call waiting for its reply, if any
         self._call_due = 0.0
         self._close_after_call = False
-        self._closed = False
+        # True once the connection must close (after sending what it was given). An
+        # attribute, not a property: it is read after every call that waited.
+        self.must_close = False
         self._received_at = 0.0
         self._stall_since: float | None = None
 
@@ -178,7 +180,7 @@ class Exchange(Generic[W]):
         """The fast path: ``data`` as a call's ``(rpc_type, payload)`` if the connection
         is idle and ``data`` is exactly one whole frame (the usual read on a gateway
         connection); else None, and nothing is consumed: use ``receive_data``."""
-        if self._call is None and not self._queries and not self._backlog and not self._closed:
+        if self._call is None and not self._queries and not self._backlog and not self.must_close:
             return self._decoder.whole_frame(data)
         return None
 
@@ -187,7 +189,7 @@ class Exchange(Generic[W]):
         whole ExtraInfo frame that decodes and answers the oldest query, whose waiter
         still waits; else None, and nothing is consumed: use ``receive_data``."""
         queries = self._queries
-        if not queries or self._closed:
+        if not queries or self.must_close:
             return None
         frame = self._decoder.whole_frame(data)
         if frame is None or frame[0] != RPC.EXTRA_INFO:
@@ -204,7 +206,7 @@ class Exchange(Generic[W]):
 
     def receive_data(self, data: bytes, now: float) -> None:
         """Take bytes received at ``now``; then take the events with ``next_event``."""
-        if not self._closed:
+        if not self.must_close:
             self._decoder.feed(data)
             self._received_at = now
 
@@ -212,7 +214,7 @@ class Exchange(Generic[W]):
         """The next thing to act on, or None when more data is needed (or the
         connection is closed, or every frame left waits behind the running call)."""
         decoder = self._decoder
-        while not self._closed:
+        while not self.must_close:
             if self._backlog and self._call is None:
                 rpc_type, payload = self._backlog.popleft()
             else:
@@ -221,7 +223,7 @@ class Exchange(Generic[W]):
                 except FrameTooLarge as exc:
                     # Without reading the oversized body we cannot find the next frame.
                     # (The gateway's fault: FrameTooLarge alone would be our reply's.)
-                    self._closed = True
+                    self.must_close = True
                     error = ProtocolViolation(str(exc))
                     error.__cause__ = exc
                     return Fault(error, self._error_frame(error), Close.NOW, self._give_up_all())
@@ -292,7 +294,7 @@ class Exchange(Generic[W]):
     def _end_call(self) -> None:
         self._call = None
         if self._close_after_call:
-            self._closed = True
+            self.must_close = True
 
     # ---------------------------------------------------------------------- timing
 
@@ -318,7 +320,7 @@ class Exchange(Generic[W]):
     def stall_due(self) -> float | None:
         """When the frame now half received will have stalled (None: no such frame)."""
         since = self._stall_since
-        return None if since is None or self._closed else since + self.stall_timeout
+        return None if since is None or self.must_close else since + self.stall_timeout
 
     def stalled(self, now: float) -> bool:
         """True if a frame begun ``stall_timeout`` ago is still incomplete at ``now``:
@@ -327,7 +329,7 @@ class Exchange(Generic[W]):
         due = self.stall_due
         if due is None or due > now:
             return False
-        self._closed = True
+        self.must_close = True
         return True
 
     # ----------------------------------------------------------------------- state
@@ -336,11 +338,6 @@ class Exchange(Generic[W]):
     def busy(self) -> bool:
         """True while a call waits for its reply."""
         return self._call is not None
-
-    @property
-    def must_close(self) -> bool:
-        """True once the connection must close (after sending what it was given)."""
-        return self._closed
 
     @property
     def reading_paused(self) -> bool:
@@ -365,7 +362,7 @@ class Exchange(Generic[W]):
 
     def connection_lost(self) -> tuple[W, ...]:
         """The connection is gone: the waiters still waiting for an answer, to fail."""
-        self._closed = True
+        self.must_close = True
         self._call = None
         self._backlog.clear()
         return self._give_up_all()

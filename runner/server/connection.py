@@ -68,15 +68,19 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         exchange = self._exchange
-        frame = exchange.whole_call(data)
-        if frame is not None:
-            if self._transport is not None:
-                self._handle(frame[0], frame[1], self)
-            return
-        answer = exchange.whole_answer(data)
-        if answer is not None:
-            answer[0].set_result(answer[1])
-            return
+        # The fast paths: a whole request frame while idle, a whole answer while a call
+        # waits (no call waits on the exchange exactly when no task runs here).
+        if self._task is None:
+            frame = exchange.whole_call(data)
+            if frame is not None:
+                if self._transport is not None:
+                    self._handle(frame[0], frame[1], self)
+                return
+        else:
+            answer = exchange.whole_answer(data)
+            if answer is not None:
+                answer[0].set_result(answer[1])
+                return
         exchange.receive_data(data, self._loop.time())
         self._serve_events()
 
@@ -187,8 +191,13 @@ class Connection(asyncio.Protocol):
         if out is None:
             return  # the call was past its deadline: its reply has been sent already
         self._task = None
-        self._write(out)
-        self._after_call()
+        transport = self._transport
+        if transport is None:
+            return
+        transport.write(out)
+        exchange = self._exchange
+        if exchange.must_close or exchange.has_backlog or self._server.closing:
+            self._after_call()
 
     def _after_call(self) -> None:
         if self._transport is None:
