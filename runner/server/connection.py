@@ -94,15 +94,16 @@ class Connection(asyncio.Protocol):
         self._cancel_stall_timer()
         self._server.connections.discard(self)
         exchange = self._exchange
-        if self._ended_by is not None:
-            pass  # said when we ended it
-        elif exchange.in_frame or self._task is not None:
+        ended_by = self._ended_by
+        # When we ended it ourselves, the reason is in the log already.
+        if ended_by is None and (exchange.in_frame or self._task is not None):
             log.info(
                 "a gateway connection closed in the middle of a %s",
                 "call" if self._task is not None else "frame",
             )
+        why = "the gateway closed the connection" if ended_by is None else f"closed for {ended_by}"
         for waiter in exchange.connection_lost():
-            waiter.set_exception(ConnectionResetError("the gateway closed the connection"))
+            waiter.set_exception(ConnectionResetError(why))
         if self._task is not None:
             self._task.cancel()
             self._task = None
