@@ -7,14 +7,18 @@ import contextlib
 import inspect
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
 
 from runner.core.config import Config
+from runner.core.dispatch import Dispatcher
+from runner.plugin import InfoSource
+from runner.protocol.messages import InfoKind
 from runner.server.lifecycle import build_dispatcher, load_registry
 from runner.server.listener import RunnerServer
 from runner.tools.client import Connection
@@ -60,10 +64,12 @@ test_config.__test__ = False  # type: ignore[attr-defined]
 
 
 @contextlib.asynccontextmanager
-async def serving(config: Config) -> AsyncIterator[RunnerServer]:
+async def serving(
+    config: Config, *, frame_stall_timeout: float = 60.0
+) -> AsyncIterator[RunnerServer]:
     """A runner on ``config.listen`` in this event loop, stopped on exit."""
     dispatcher = build_dispatcher(config, load_registry(config))
-    server = RunnerServer(config, dispatcher)
+    server = RunnerServer(config, dispatcher, frame_stall_timeout=frame_stall_timeout)
     await server.start()
     try:
         yield server
@@ -75,3 +81,32 @@ async def serving(config: Config) -> AsyncIterator[RunnerServer]:
 
 async def connect(config: Config) -> Connection:
     return await Connection.open(config.listen)
+
+
+class CallRecorder:
+    """A dispatcher ``Caller`` that keeps what it is given; its questions go to ``source``."""
+
+    def __init__(self, source: InfoSource) -> None:
+        self.source = source
+        self.now: list[bytes] = []
+        self.later: list[Coroutine[Any, Any, bytes]] = []
+
+    def ask(self, kind: InfoKind, name: str = "") -> Awaitable[bytes | None]:
+        return self.source.ask(kind, name)
+
+    def reply(self, frame: bytes) -> None:
+        self.now.append(frame)
+
+    def reply_later(self, reply: Coroutine[Any, Any, bytes]) -> None:
+        self.later.append(reply)
+
+
+def handle(
+    dispatcher: Dispatcher, rpc_type: int, payload: bytes, source: InfoSource
+) -> bytes | Coroutine[Any, Any, bytes]:
+    """What the dispatcher gives for one request frame: the reply frame at once, or the
+    coroutine that produces it. Exactly one of the two, every time."""
+    caller = CallRecorder(source)
+    dispatcher.handle(rpc_type, payload, caller)
+    assert len(caller.now) + len(caller.later) == 1, (caller.now, caller.later)
+    return caller.now[0] if caller.now else caller.later[0]

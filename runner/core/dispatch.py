@@ -1,18 +1,19 @@
 """The dispatcher: one handler per RPC type, turning a request frame into a reply frame.
 
-A handler returns the finished reply frame when it could serve the call without
-waiting (PrepareConf, chains of plain plugins), or a coroutine that produces it (chains
-that await the gateway or run blocking code). Every exception is turned into an error
-frame here, and nowhere else, through ``errors.error_code_for``.
+A handler gives its ``Caller`` (the gateway connection) the finished reply frame with
+``reply`` when it could serve the call without waiting (PrepareConf, chains of plain
+plugins), or with ``reply_later`` a coroutine that produces it (chains that await the
+gateway or run blocking code). Every exception is turned into an error frame here, and
+nowhere else, through ``errors.error_code_for``. Call deadlines are not the
+dispatcher's: the connection's exchange keeps them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from runner.core.cache import ConfCache
 from runner.core.chain import (
@@ -25,7 +26,6 @@ from runner.core.chain import (
 )
 from runner.core.errors import (
     BadRequest,
-    CallTimeout,
     ConfRejected,
     ConfTokenNotFound,
     error_code_for,
@@ -46,8 +46,21 @@ from runner.protocol.messages import (
 
 log = logging.getLogger("a6.dispatch")
 
-Reply: TypeAlias = bytes | Coroutine[Any, Any, bytes]
-Handler: TypeAlias = Callable[[bytes, InfoSource], Reply]
+
+class Caller(InfoSource, Protocol):
+    """The side of a call that waits for its reply: the gateway connection. A handler
+    gives it exactly one of ``reply`` or ``reply_later`` per call."""
+
+    def reply(self, frame: bytes) -> None:
+        """The call's reply frame, ready now."""
+        ...
+
+    def reply_later(self, reply: Coroutine[Any, Any, bytes]) -> None:
+        """The call must wait: ``reply`` produces its reply frame (and never raises)."""
+        ...
+
+
+Handler: TypeAlias = Callable[[bytes, Caller], None]
 
 _ERROR_FRAMES = {code: encode_frame(RPC.ERROR, encode_error(code)) for code in ErrCode}
 
@@ -58,16 +71,13 @@ class Dispatcher:
         registry: PluginRegistry,
         cache: ConfCache[Chain],
         *,
-        call_timeout: float = 50.0,
         max_frame_size: int = MAX_PAYLOAD,
         executor: Executor | None = None,
     ) -> None:
         self.registry = registry
         self.cache = cache
-        self.call_timeout = call_timeout
         self.max_frame_size = max_frame_size
         self.executor = executor
-        self.expired_calls = ExpiredCalls()
         self._by_key: dict[str, int] = {}
         self._handlers: dict[int, Handler] = {
             RPC.PREPARE_CONF: self._prepare_conf,
@@ -75,15 +85,17 @@ class Dispatcher:
             RPC.HTTP_RESP_CALL: self._resp_call,
         }
 
-    def handle(self, rpc_type: int, payload: bytes, source: InfoSource) -> Reply:
-        """The reply frame (or a coroutine producing it) for one request frame."""
+    def handle(self, rpc_type: int, payload: bytes, caller: Caller) -> None:
+        """Serve one request frame: its reply goes to ``caller``, now or later."""
         handler = self._handlers.get(rpc_type)
         if handler is None:
-            return self.error_frame(BadRequest(_unexpected(rpc_type)))
+            caller.reply(self.error_frame(BadRequest(_unexpected(rpc_type))))
+            return
         try:
-            return handler(payload, source)
+            handler(payload, caller)
         except Exception as exc:
-            return self.error_frame(exc)
+            # Raised before the handler gave the caller anything (it gives last).
+            caller.reply(self.error_frame(exc))
 
     def error_frame(self, exc: BaseException, call_id: int | None = None) -> bytes:
         """The error frame for ``exc``, logged once at a level that fits whose fault it is."""
@@ -111,7 +123,10 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ PrepareConf
 
-    def _prepare_conf(self, payload: bytes, source: InfoSource) -> bytes:
+    def _prepare_conf(self, payload: bytes, caller: Caller) -> None:
+        caller.reply(self._prepared(payload))
+
+    def _prepared(self, payload: bytes) -> bytes:
         req = decode_prepare_conf(payload)
         conf = tuple(req.conf)
         # The key (route id + config version) is deprecated but still sent: reuse the
@@ -164,99 +179,59 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ HTTPReqCall
 
-    def _req_call(self, payload: bytes, source: InfoSource) -> Reply:
+    def _req_call(self, payload: bytes, caller: Caller) -> None:
         call = HTTPReqCall(payload)
         try:
             chain = self.cache.lookup(call.conf_token)
         except KeyError:
             raise ConfTokenNotFound(call.conf_token) from None
-        request = Request(call, source)
+        request = Request(call, caller)
         if chain.request_inline:
             try:
                 run_request_inline(chain, request)
                 reply = request.encode_reply()
             except Exception as exc:
-                return self.error_frame(exc, call.id)
-            return self._frame(RPC.HTTP_REQ_CALL, reply, call.id)
-        return self._req_call_async(chain, request)
+                caller.reply(self.error_frame(exc, call.id))
+                return
+            caller.reply(self._frame(RPC.HTTP_REQ_CALL, reply, call.id))
+            return
+        caller.reply_later(self._req_call_async(chain, request))
 
     async def _req_call_async(self, chain: Chain, request: Request) -> bytes:
         try:
             await run_request(chain, request, self.executor)
             reply = request.encode_reply()
-        except asyncio.CancelledError:
-            if not self.expired_calls.claim(asyncio.current_task()):
-                raise
-            return self.error_frame(self._call_timeout(), request.id)
         except Exception as exc:
             return self.error_frame(exc, request.id)
         return self._frame(RPC.HTTP_REQ_CALL, reply, request.id)
 
     # ----------------------------------------------------------------- HTTPRespCall
 
-    def _resp_call(self, payload: bytes, source: InfoSource) -> Reply:
+    def _resp_call(self, payload: bytes, caller: Caller) -> None:
         call = HTTPRespCall(payload)
         try:
             chain = self.cache.lookup(call.conf_token)
         except KeyError:
             raise ConfTokenNotFound(call.conf_token) from None
-        response = Response(call.id, call.status, call.headers, source)
+        response = Response(call.id, call.status, call.headers, caller)
         if chain.response_inline:
             try:
                 run_response_inline(chain, response)
                 reply = encode_resp_call_reply(call.id, *response.reply())
             except Exception as exc:
-                return self.error_frame(exc, call.id)
-            return self._frame(RPC.HTTP_RESP_CALL, reply, call.id)
-        return self._resp_call_async(chain, response)
+                caller.reply(self.error_frame(exc, call.id))
+                return
+            caller.reply(self._frame(RPC.HTTP_RESP_CALL, reply, call.id))
+            return
+        caller.reply_later(self._resp_call_async(chain, response))
 
     async def _resp_call_async(self, chain: Chain, response: Response) -> bytes:
         try:
             await run_response(chain, response, self.executor)
             reply = encode_resp_call_reply(response.id, *response.reply())
-        except asyncio.CancelledError:
-            if not self.expired_calls.claim(asyncio.current_task()):
-                raise
-            return self.error_frame(self._call_timeout(), response.id)
         except Exception as exc:
             return self.error_frame(exc, response.id)
         return self._frame(RPC.HTTP_RESP_CALL, reply, response.id)
-
-    def _call_timeout(self) -> CallTimeout:
-        return CallTimeout(
-            f"plugin chain did not finish within the {self.call_timeout:g} s call deadline"
-        )
-
-
-class ExpiredCalls:
-    """The tasks cancelled because their call ran past its deadline.
-
-    The server watches the deadlines (it knows which connection runs which call); the
-    dispatcher turns such a cancellation into a timeout error for the gateway, and
-    lets every other cancellation (the connection going away) through.
-    """
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def expire(self, task: asyncio.Task[Any]) -> None:
-        """Cancel ``task`` for its deadline."""
-        if not task.done():
-            self._tasks.add(task)
-            task.cancel()
-
-    def claim(self, task: asyncio.Task[Any] | None) -> bool:
-        """True if ``task`` was cancelled for its deadline; its cancellation is then
-        withdrawn (the call ends normally, with a timeout error for the gateway)."""
-        if task is None or task not in self._tasks:
-            return False
-        self._tasks.discard(task)
-        task.uncancel()
-        return True
-
-    def forget_done(self) -> None:
-        """Drop the tasks that ended without claiming (a plugin swallowed the cancel)."""
-        self._tasks = {task for task in self._tasks if not task.done()}
 
 
 def _unexpected(rpc_type: int) -> str:

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from runner.protocol.connection import CallTimeout, ProtocolViolation
 from runner.protocol.messages import ErrCode, MalformedMessage
+
+# Raised by the exchange's rules (runner.protocol.connection), named here with the rest.
+__all__ = [
+    "BadRequest",
+    "CallTimeout",
+    "ConfRejected",
+    "ConfTokenNotFound",
+    "PluginConfigError",
+    "ProtocolViolation",
+    "UnknownPlugin",
+    "error_code_for",
+]
 
 
 class BadRequest(Exception):
@@ -34,20 +47,12 @@ class ConfRejected(BadRequest):
         self.reason = reason
 
 
-class ProtocolViolation(BadRequest):
-    """The peer broke the exchange order (e.g. a non-ExtraInfo frame while we await one)."""
-
-
 class ConfTokenNotFound(Exception):
     """The token is unknown or expired: the gateway re-sends PrepareConf and retries."""
 
     def __init__(self, token: int) -> None:
         super().__init__(f"conf token {token} not found")
         self.token = token
-
-
-class CallTimeout(Exception):
-    """The plugin chain did not finish within the per-call deadline."""
 
 
 def error_code_for(exc: BaseException) -> ErrCode:

@@ -1,67 +1,57 @@
-"""One gateway connection: an asyncio Protocol over the frame decoder and the dispatcher.
+"""One gateway connection: a thin asyncio Protocol over the exchange's state machine.
 
-Each connection feeds bytes to a FrameDecoder and hands whole frames to the
-Dispatcher. A call the dispatcher can answer at once is answered inside
-``data_received``; a call that must wait (ExtraInfo, async or blocking plugins) runs as
-one task, during which the only frames the gateway may send are ExtraInfo replies.
+The rules of the exchange (the order of ExtraInfo answers, pipelined frames, faults,
+stalled frames, call deadlines) are ``runner.protocol.connection.Exchange``'s. This
+module moves the bytes, sets the timers the exchange asks for, and runs as a task each
+call that must wait (ExtraInfo, async or blocking plugins). A call the dispatcher can
+answer at once is answered inside ``data_received``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
-from runner.core.errors import BadRequest, ProtocolViolation
-from runner.protocol.frame import RPC, FrameDecoder, FrameTooLarge, encode_frame
-from runner.protocol.messages import (
-    InfoKind,
-    MalformedMessage,
-    decode_extra_info_reply,
-    encode_extra_info_query,
-)
+from runner.protocol.connection import Answer, Call, Close, Exchange, Fault
+from runner.protocol.messages import InfoKind
 
 if TYPE_CHECKING:
     from runner.server.listener import RunnerServer
 
 log = logging.getLogger("a6.server")
 
-# Frames a non-conforming client may pipeline behind a call in progress before we stop
-# reading from it (the gateway never pipelines: it waits for each reply).
-_MAX_BACKLOG = 16
-
-# Seconds a frame may take to arrive once its first byte has: the gateway's send timeout.
-FRAME_STALL_TIMEOUT = 60.0
-
-
-# Plugins ask for the same few variables on every call: each query is framed once.
-@functools.lru_cache(maxsize=512)
-def _extra_info_query_frame(kind: InfoKind, name: str) -> bytes:
-    return encode_frame(RPC.EXTRA_INFO, encode_extra_info_query(kind, name))
+_Waiter = asyncio.Future[bytes | None]
 
 
 class Connection(asyncio.Protocol):
-    """One connection from a gateway worker: many calls, strictly one after another."""
+    """One connection from a gateway worker: many calls, strictly one after another.
 
-    def __init__(self, server: RunnerServer) -> None:
+    It is the dispatcher's ``Caller``: calls reply through it, and ask the gateway
+    through it.
+    """
+
+    def __init__(self, server: RunnerServer, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._server = server
-        self._dispatcher = server.dispatcher
-        self._decoder = FrameDecoder(server.config.max_frame_size)
+        self._handle = server.dispatcher.handle
+        self._exchange: Exchange[_Waiter] = Exchange(
+            server.dispatcher.error_frame,
+            call_timeout=server.config.call_timeout,
+            max_frame_size=server.config.max_frame_size,
+            max_backlog=server.max_backlog,
+            stall_timeout=server.frame_stall_timeout,
+        )
         self._transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()  # made by the server, in its loop
+        # Made by the server, in its loop. (The loop's own methods: get_running_loop()
+        # makes a getpid() system call on every use, Python 3.11.)
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
-        self._call_started = 0.0  # loop time at which the running call started
-        # Our ExtraInfo queries still unanswered, oldest first: the gateway answers them
-        # in order (a plugin may ask several at once, with asyncio.gather).
-        self._waiters: deque[asyncio.Future[bytes | None]] = deque()
         self._stall: asyncio.TimerHandle | None = None
-        self._backlog: deque[tuple[int, bytes]] = deque()
-        self._close_after_call = False
+        self._stall_due: float | None = None
         self._reading_paused = False
         self._writing_paused = False
+        self._ended_by: str | None = None  # why we ended the connection ourselves
 
     # --------------------------------------------------------------- asyncio events
 
@@ -77,49 +67,22 @@ class Connection(asyncio.Protocol):
         server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        decoder = self._decoder
-        frame = decoder.whole_frame(data)
-        if frame is not None:
-            if self._stall is not None:
-                self._stop_stall_timer()
-            if self._transport is not None:
-                self._on_frame(*frame)
-            return
-        decoder.feed(data)
-        while self._transport is not None:
-            try:
-                frame = decoder.next_frame()
-            except FrameTooLarge as exc:
-                # Without reading the oversized body we cannot find the next frame.
-                log.warning("closing a connection: %s", exc)
-                self._transport.write(self._dispatcher.error_frame(BadRequest(str(exc))))
-                self._close()
+        exchange = self._exchange
+        # The fast paths: a whole request frame while idle, a whole answer while a call
+        # waits (no call waits on the exchange exactly when no task runs here).
+        if self._task is None:
+            frame = exchange.whole_call(data)
+            if frame is not None:
+                if self._transport is not None:
+                    self._handle(frame[0], frame[1], self)
                 return
-            if frame is None:
-                if decoder.in_frame and self._stall is None:
-                    self._stall = asyncio.get_running_loop().call_later(
-                        FRAME_STALL_TIMEOUT, self._stalled
-                    )
+        else:
+            answer = exchange.whole_answer(data)
+            if answer is not None:
+                answer[0].set_result(answer[1])
                 return
-            if self._stall is not None:
-                self._stop_stall_timer()
-            self._on_frame(*frame)
-
-    def _stop_stall_timer(self) -> None:
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-
-    def _stalled(self) -> None:
-        # The gateway sends a whole frame in one send with a 60 s timeout: a frame still
-        # incomplete after that is never coming, and its buffer would be held forever.
-        self._stall = None
-        log.warning(
-            "closing a connection stuck mid-frame for %g s (%d bytes received)",
-            FRAME_STALL_TIMEOUT,
-            self._decoder.buffered,
-        )
-        self.abort()
+        exchange.receive_data(data, self._loop.time())
+        self._serve_events()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -128,19 +91,22 @@ class Connection(asyncio.Protocol):
         if self._transport is None:
             return
         self._transport = None
-        self._stop_stall_timer()
+        self._cancel_stall_timer()
         self._server.connections.discard(self)
-        if self._decoder.in_frame or self._task is not None:
+        exchange = self._exchange
+        ended_by = self._ended_by
+        # When we ended it ourselves, the reason is in the log already.
+        if ended_by is None and (exchange.in_frame or self._task is not None):
             log.info(
                 "a gateway connection closed in the middle of a %s",
                 "call" if self._task is not None else "frame",
             )
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(ConnectionResetError("the gateway closed the connection"))
-        self._waiters.clear()
+        why = "the gateway closed the connection" if ended_by is None else f"closed for {ended_by}"
+        for waiter in exchange.connection_lost():
+            waiter.set_exception(ConnectionResetError(why))
         if self._task is not None:
             self._task.cancel()
+            self._task = None
         self._server.connection_done()
 
     def pause_writing(self) -> None:
@@ -152,61 +118,98 @@ class Connection(asyncio.Protocol):
         self._writing_paused = False
         self._update_reading()
 
-    # -------------------------------------------------------------------- frames
+    # -------------------------------------------------------------------- events
 
-    def _on_frame(self, rpc_type: int, payload: bytes) -> None:
-        waiters = self._waiters
-        if waiters:
-            if rpc_type == RPC.EXTRA_INFO:
-                waiter = waiters.popleft()
-                if not waiter.done():  # else it was cancelled: its answer is dropped
-                    try:
-                        waiter.set_result(decode_extra_info_reply(payload))
-                    except MalformedMessage as exc:
-                        waiter.set_exception(exc)
-                return
-            if self._task is not None:
-                self._close_after_call = True
-                violation = ProtocolViolation(
-                    f"expected an ExtraInfo reply, got a frame of RPC type {rpc_type}"
-                )
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(violation)
-                waiters.clear()
-                return
-            waiters.clear()  # queries of a call that is over: not answered after all
-        if self._task is not None:
-            self._backlog.append((rpc_type, payload))
-            self._update_reading()
+    def _serve_events(self) -> None:
+        """Act on every event the exchange has, then set reading and timers as it says."""
+        exchange = self._exchange
+        while self._transport is not None:
+            event = exchange.next_event()
+            if event is None:
+                break
+            if isinstance(event, Call):
+                self._handle(event.rpc_type, event.payload, self)
+            elif isinstance(event, Answer):
+                waiter = event.waiter
+                if event.error is None:
+                    waiter.set_result(event.value)
+                else:
+                    waiter.set_exception(event.error)
+            else:
+                self._on_fault(event)
+        if self._transport is None:
             return
-        reply = self._dispatcher.handle(rpc_type, payload, self)
-        if type(reply) is bytes:
-            self._write(reply)
-        else:
-            self._task = self._loop.create_task(self._finish(reply))  # type: ignore[arg-type]
-            # The call's deadline: the server looks for calls past theirs when the first
-            # one it knows of is due (registering every call costs more than the check).
-            started = self._call_started = self._loop.time()
-            server = self._server
-            if server.deadline_check is None:
-                server.check_deadlines_at(started + self._dispatcher.call_timeout)
+        self._update_reading()
+        if exchange.stall_due != self._stall_due:
+            self._set_stall_timer(exchange.stall_due)
 
-    async def _finish(self, reply: Coroutine[Any, Any, bytes]) -> None:
+    def _on_fault(self, fault: Fault[_Waiter]) -> None:
+        for waiter in fault.waiters:
+            waiter.set_exception(fault.error)
+        if fault.reply is not None:
+            self._write(fault.reply)
+        if fault.close is Close.NOW:
+            log.warning("closing a connection: %s", fault.error)
+            self._end("a protocol fault")
+
+    # ---------------------------------------------------- the dispatcher's Caller
+
+    def reply(self, frame: bytes) -> None:
+        """The reply of the call just received, answered at once."""
+        transport = self._transport
+        if transport is not None:
+            transport.write(frame)
+
+    def reply_later(self, reply: Coroutine[Any, Any, bytes]) -> None:
+        """The call just received replies when ``reply`` is done: run it as a task."""
+        loop = self._loop
+        started = loop.time()
+        call = self._exchange.call_waits(started)
+        self._task = loop.create_task(self._finish(call, reply))
+        # The call's deadline: the server looks for calls past theirs when the first one
+        # it knows of is due (registering every call costs more than the check).
+        server = self._server
+        if server.deadline_check is None:
+            server.check_deadlines_at(started + self._exchange.call_timeout)
+
+    def ask(self, kind: InfoKind, name: str = "") -> asyncio.Future[bytes | None]:
+        """Ask the gateway for a variable or a body, on this connection: the future of
+        its answer (None: no such value)."""
+        waiter: _Waiter = self._loop.create_future()
+        transport = self._transport
+        if transport is None:
+            waiter.set_exception(ConnectionResetError("the gateway closed the connection"))
+            return waiter
+        transport.write(self._exchange.ask(waiter, kind, name))
+        return waiter
+
+    async def _finish(self, call: int, reply: Coroutine[Any, Any, bytes]) -> None:
         try:
             frame = await reply
         except asyncio.CancelledError:
-            return  # the connection is gone; nobody to answer
-        finally:
-            self._task = None
-        self._write(frame)
-        if self._close_after_call:
+            return  # past its deadline (the timeout error was sent), or the connection is gone
+        out = self._exchange.call_done(call, frame)
+        if out is None:
+            return  # the call was past its deadline: its reply has been sent already
+        self._task = None
+        transport = self._transport
+        if transport is None:
+            return
+        transport.write(out)
+        exchange = self._exchange
+        if exchange.must_close or exchange.has_backlog or self._server.closing:
+            self._after_call()
+
+    def _after_call(self) -> None:
+        if self._transport is None:
+            return
+        exchange = self._exchange
+        if exchange.must_close:
             self._close()
             return
-        if self._backlog:
-            while self._backlog and self._task is None and self._transport is not None:
-                self._on_frame(*self._backlog.popleft())
-            self._update_reading()
+        # Frames left in the decoder were all taken (into the backlog) as they came.
+        if exchange.has_backlog:
+            self._serve_events()  # the frames that waited behind the call
         if self._server.closing and self._task is None:
             self._close()
 
@@ -214,18 +217,50 @@ class Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.write(frame)
 
-    def ask(self, kind: InfoKind, name: str = "") -> asyncio.Future[bytes | None]:
-        """Ask the gateway for a variable or a body, on this connection: the future of
-        its answer (None: no such value)."""
-        # The loop's own create_future: asyncio.get_running_loop() makes a getpid()
-        # system call on every use (Python 3.11).
-        waiter: asyncio.Future[bytes | None] = self._loop.create_future()
-        if self._transport is None:
-            waiter.set_exception(ConnectionResetError("the gateway closed the connection"))
-            return waiter
-        self._transport.write(_extra_info_query_frame(kind, name))
-        self._waiters.append(waiter)
-        return waiter
+    # ----------------------------------------------------------------- timers
+
+    def expire_if_due(self, now: float) -> float | None:
+        """End the call waiting here if it is past its deadline at ``now`` (its reply is
+        then the timeout error); the time the call waiting here is due (None if none)."""
+        exchange = self._exchange
+        timeout_reply = exchange.expire(now)
+        if timeout_reply is None:
+            return exchange.call_due
+        task = self._task
+        self._task = None
+        if task is not None:
+            task.cancel()
+        self._write(timeout_reply)
+        # Not now: a call from the backlog would set a deadline timer of its own while
+        # the server is still working out when to look next.
+        self._loop.call_soon(self._after_call)
+        return None
+
+    def _set_stall_timer(self, due: float | None) -> None:
+        self._cancel_stall_timer()
+        self._stall_due = due
+        if due is not None:
+            self._stall = self._loop.call_at(due, self._stall_timer_fired)
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        self._stall_due = None
+
+    def _stall_timer_fired(self) -> None:
+        self._stall = None
+        self._stall_due = None
+        exchange = self._exchange
+        if not exchange.stalled(self._loop.time()):
+            self._set_stall_timer(exchange.stall_due)
+            return
+        log.warning(
+            "closing a connection stuck mid-frame for %g s (%d bytes received)",
+            exchange.stall_timeout,
+            exchange.buffered,
+        )
+        self._end("a stalled frame", abort=True)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -233,23 +268,10 @@ class Connection(asyncio.Protocol):
     def busy(self) -> bool:
         return self._task is not None
 
-    def expire_if_due(self, now: float) -> float | None:
-        """Cancel the call running here if it is past its deadline; else the time it
-        is due (None if no call is running)."""
-        task = self._task
-        if task is None:
-            return None
-        dispatcher = self._dispatcher
-        due = self._call_started + dispatcher.call_timeout
-        if due > now:
-            return due
-        dispatcher.expired_calls.expire(task)
-        return None
-
     def _update_reading(self) -> None:
         if self._transport is None:
             return
-        pause = self._writing_paused or len(self._backlog) >= _MAX_BACKLOG
+        pause = self._writing_paused or self._exchange.reading_paused
         if pause and not self._reading_paused:
             self._transport.pause_reading()
         elif not pause and self._reading_paused:
@@ -260,13 +282,22 @@ class Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _end(self, why: str, *, abort: bool = False) -> None:
+        """Close (or abort) the connection for a reason of ours, already logged."""
+        if self._transport is None:
+            return
+        self._ended_by = why
+        if abort:
+            self._transport.abort()
+        else:
+            self._transport.close()
+
     def close_when_idle(self) -> None:
         """For shutdown: close now if no call is running, else right after it."""
         if self._task is None:
             self._close()
 
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-
+    def abort_for_shutdown(self) -> None:
+        """The shutdown grace is over: drop the connection and the call running on it.
+        (The server has said so in the log: this is not the gateway going away.)"""
+        self._end("the end of the shutdown grace", abort=True)

@@ -39,7 +39,6 @@ def build_dispatcher(
     return Dispatcher(
         registry,
         cache,
-        call_timeout=config.call_timeout,
         max_frame_size=config.max_frame_size,
         executor=executor,
     )

@@ -16,25 +16,39 @@ from pathlib import Path
 
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
+from runner.protocol.connection import DEFAULT_MAX_BACKLOG, DEFAULT_STALL_TIMEOUT
 from runner.server.connection import Connection
 
 log = logging.getLogger("a6.server")
+
 
 class StartupError(Exception):
     """The runner cannot start as configured; the message says what to change."""
 
 
 class RunnerServer:
-    """Owns the listening socket and every live connection."""
+    """Owns the listening socket and every live connection.
+
+    ``frame_stall_timeout`` and ``max_backlog`` are the exchange's tunables (see
+    ``runner.protocol.connection.Exchange``); the gateway never needs others.
+    ``listener``: a socket already bound and listening (a worker's, inherited from its
+    supervisor), served as it is; its file is the supervisor's to remove.
+    """
 
     def __init__(
-        self, config: Config, dispatcher: Dispatcher, listener: socket.socket | None = None
+        self,
+        config: Config,
+        dispatcher: Dispatcher,
+        listener: socket.socket | None = None,
+        *,
+        frame_stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
     ) -> None:
-        """``listener``: a socket already bound and listening (a worker's, inherited from
-        its supervisor), served as it is; its file is the supervisor's to remove."""
         self.config = config
         self._listener = listener
         self.dispatcher = dispatcher
+        self.frame_stall_timeout = frame_stall_timeout
+        self.max_backlog = max_backlog
         self.connections: set[Connection] = set()
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
@@ -55,7 +69,7 @@ class RunnerServer:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_unix_server(
-                lambda: Connection(self), sock=sock, backlog=1024
+                lambda: Connection(self, loop), sock=sock, backlog=1024
             )
         except OSError as exc:
             sock.close()
@@ -81,8 +95,15 @@ class RunnerServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.shutdown_grace):
                     await self._all_closed.wait()
+        busy = sum(conn.busy for conn in self.connections)
+        if busy:
+            log.warning(
+                "shutdown grace of %g s is over: abandoning %d call(s) still running",
+                self.config.shutdown_grace,
+                busy,
+            )
         for conn in list(self.connections):
-            conn.abort()
+            conn.abort_for_shutdown()
         if self.deadline_check is not None:
             self.deadline_check.cancel()
             self.deadline_check = None
@@ -95,7 +116,6 @@ class RunnerServer:
     def _check_deadlines(self) -> None:
         """Cancel the calls past their deadline; come back when the next one is due."""
         self.deadline_check = None
-        self.dispatcher.expired_calls.forget_done()
         now = asyncio.get_running_loop().time()
         next_due: float | None = None
         for conn in self.connections:
@@ -261,5 +281,3 @@ def raise_open_file_limit(wanted: int) -> int:
             wanted,
         )
     return soft
-
-

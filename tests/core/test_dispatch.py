@@ -23,7 +23,7 @@ from runner.core.errors import (
 from runner.protocol.frame import RPC, FrameDecoder, FrameTooLarge
 from runner.protocol.messages import ErrCode, InfoKind, MalformedMessage
 from runner.server.lifecycle import load_registry
-from tests.conftest import FIXTURE_PLUGINS
+from tests.conftest import FIXTURE_PLUGINS, handle
 from tests.refcodec import (
     StopAction,
     decode_error,
@@ -47,7 +47,7 @@ class FakeGateway:
 def make_dispatcher() -> Dispatcher:
     config = Config(plugin_dirs=(FIXTURE_PLUGINS,), examples=True)
     cache: ConfCache[Chain] = ConfCache(ttl=60, maxsize=100)
-    return Dispatcher(load_registry(config), cache, call_timeout=1.0)
+    return Dispatcher(load_registry(config), cache)
 
 
 def split(frame: bytes) -> tuple[int, bytes]:
@@ -59,7 +59,7 @@ def split(frame: bytes) -> tuple[int, bytes]:
 
 
 def prepare(d: Dispatcher, conf: list[tuple[str, str]]) -> int:
-    reply = d.handle(RPC.PREPARE_CONF, encode_prepare_conf(conf), FakeGateway())
+    reply = handle(d, RPC.PREPARE_CONF, encode_prepare_conf(conf), FakeGateway())
     assert isinstance(reply, bytes)
     rpc_type, payload = split(reply)
     assert rpc_type == RPC.PREPARE_CONF
@@ -69,7 +69,7 @@ def prepare(d: Dispatcher, conf: list[tuple[str, str]]) -> int:
 def test_plain_plugins_are_answered_without_a_task() -> None:
     d = make_dispatcher()
     token = prepare(d, [("say", '{"body": "x"}')])
-    reply = d.handle(RPC.HTTP_REQ_CALL, encode_req_call(conf_token=token, id=3), FakeGateway())
+    reply = handle(d, RPC.HTTP_REQ_CALL, encode_req_call(conf_token=token, id=3), FakeGateway())
     assert isinstance(reply, bytes)
     rpc_type, payload = split(reply)
     assert rpc_type == RPC.HTTP_REQ_CALL
@@ -80,7 +80,7 @@ def test_async_plugins_get_a_coroutine_that_asks_the_gateway() -> None:
     d = make_dispatcher()
     token = prepare(d, [("test-echo-vars", '{"names": ["remote_addr"]}')])
     gateway = FakeGateway(remote_addr=b"1.2.3.4")
-    reply = d.handle(RPC.HTTP_REQ_CALL, encode_req_call(conf_token=token), gateway)
+    reply = handle(d, RPC.HTTP_REQ_CALL, encode_req_call(conf_token=token), gateway)
     assert inspect.iscoroutine(reply)
     frame: Any = asyncio.run(reply)
     _, payload = split(frame)
@@ -89,7 +89,7 @@ def test_async_plugins_get_a_coroutine_that_asks_the_gateway() -> None:
 
 
 def test_unknown_rpc_type_is_bad_request() -> None:
-    reply = make_dispatcher().handle(42, b"", FakeGateway())
+    reply = handle(make_dispatcher(), 42, b"", FakeGateway())
     assert isinstance(reply, bytes)
     rpc_type, payload = split(reply)
     assert (rpc_type, decode_error(payload)) == (RPC.ERROR, ErrCode.BAD_REQUEST)

@@ -47,7 +47,7 @@ from runner.protocol.frame import (
 from runner.protocol.messages import InfoKind, Stop
 from runner.server.lifecycle import load_registry
 from tests import refcodec as ref
-from tests.conftest import FIXTURE_PLUGINS, connect, serving, test_config
+from tests.conftest import FIXTURE_PLUGINS, connect, handle, serving, test_config
 
 BOUNDED = settings(
     max_examples=300,
@@ -216,11 +216,11 @@ class FakeGateway:
 def _dispatcher() -> Dispatcher:
     config = Config(plugin_dirs=(FIXTURE_PLUGINS,), examples=True)
     cache: ConfCache[Chain] = ConfCache(ttl=3600, maxsize=1000)
-    return Dispatcher(load_registry(config), cache, call_timeout=5.0)
+    return Dispatcher(load_registry(config), cache)
 
 
 def _prepare(dispatcher: Dispatcher, conf: list[tuple[str, str]]) -> int:
-    reply = dispatcher.handle(RPC.PREPARE_CONF, ref.encode_prepare_conf(conf), FakeGateway(_none))
+    reply = handle(dispatcher, RPC.PREPARE_CONF, ref.encode_prepare_conf(conf), FakeGateway(_none))
     assert isinstance(reply, bytes)
     assert reply[0] == RPC.PREPARE_CONF, reply
     return ref.decode_prepare_conf_reply(reply[HEADER_SIZE:])
@@ -353,7 +353,7 @@ def test_every_request_gets_one_well_formed_reply(seed: int, rpc_type: int, muta
     else:
         rpc_type = valid_type
     gateway = FakeGateway(lambda kind, name: rng.choice([None, b"", b"10.0.0.1", rng.randbytes(9)]))
-    frame = _run(dispatcher.handle(rpc_type, payload, gateway))
+    frame = _run(handle(dispatcher, rpc_type, payload, gateway))
     got_type, _ = _check_reply_frame(frame, rpc_type)
     if not mutate:
         assert got_type == valid_type, "a well-formed request must succeed"
@@ -363,7 +363,7 @@ def test_every_request_gets_one_well_formed_reply(seed: int, rpc_type: int, muta
 @given(rpc_type=st.integers(0, 8), payload=st.binary(max_size=300))
 def test_random_payloads_get_one_well_formed_reply(rpc_type: int, payload: bytes) -> None:
     dispatcher, _ = _fixture()
-    frame = _run(dispatcher.handle(rpc_type, payload, FakeGateway(_none)))
+    frame = _run(handle(dispatcher, rpc_type, payload, FakeGateway(_none)))
     _check_reply_frame(frame, rpc_type)
 
 
@@ -380,7 +380,7 @@ def test_a_garbled_extra_info_answer_fails_only_that_call(seed: int, answer: byt
             return decode_extra_info_reply(_mutate(rng, ref.encode_extra_info_reply(answer)))
 
     payload = ref.encode_req_call(conf_token=tokens["echo-vars"], id=5)
-    frame = _run(dispatcher.handle(RPC.HTTP_REQ_CALL, payload, GarblingGateway()))
+    frame = _run(handle(dispatcher, RPC.HTTP_REQ_CALL, payload, GarblingGateway()))
     _check_reply_frame(frame, RPC.HTTP_REQ_CALL)
 
 
@@ -675,7 +675,7 @@ async def test_socket_fuzzer_leaves_the_runner_serving(
 ) -> None:
     caplog.set_level(logging.INFO)
     limit = 64 * 1024
-    config = test_config(sock_dir, max_frame_size=limit, call_timeout=5.0)
+    config = test_config(sock_dir, max_frame_size=limit)
     async with serving(config) as server, await connect(config) as bystander:
         say = await bystander.prepare_conf(FUZZ_CONFS["say"])
         assert (await bystander.req_call(say)).action is not None

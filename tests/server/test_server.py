@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import runner.server.connection
 from runner.core.cache import ConfCache
 from runner.core.config import Config
 from runner.protocol.frame import RPC, encode_frame
@@ -27,6 +26,7 @@ from runner.protocol.messages import (
     encode_prepare_conf,
     encode_req_call,
 )
+from runner.tools.client import ProtocolViolation as ClientProtocolViolation
 from runner.tools.client import RunnerError
 from tests.conftest import connect, serving, test_config
 
@@ -582,25 +582,40 @@ def test_config_check_refuses_a_network_address() -> None:
     Config(listen="unix:/tmp/x.sock").check()
 
 
-async def test_a_frame_stuck_half_way_is_dropped_after_the_gateways_send_timeout(
-    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_frame_stuck_half_way_is_dropped_after_the_stall_timeout(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(runner.server.connection, "FRAME_STALL_TIMEOUT", 0.3)
+    # The rule (a frame completed in pieces within the timeout is served, one that stops
+    # half-way is not) is the exchange's: tests/protocol/test_connection.py. Here: the
+    # server sets the timer it asks for, closes, and frees the connection.
     config = test_config(sock_dir)
     frame = encode_frame(RPC.PREPARE_CONF, encode_prepare_conf([conf("say")]))
-    async with serving(config) as server:
-        # A frame completed in pieces within the timeout is served.
-        reader, writer = await asyncio.open_unix_connection(str(config.socket_path))
-        writer.write(frame[:6])
-        await asyncio.sleep(0.2)
-        writer.write(frame[6:])
-        assert (await reader.readexactly(4))[0] == RPC.PREPARE_CONF
-        writer.close()
-        await writer.wait_closed()
-        # One that stops half-way is closed, and its buffer freed.
+    async with serving(config, frame_stall_timeout=0.3) as server:
         reader, writer = await asyncio.open_unix_connection(str(config.socket_path))
         writer.write(frame[:10])
         assert await reader.read() == b""
         writer.close()
         await writer.wait_closed()
         assert not server.connections
+    assert "closing a connection stuck mid-frame for 0.3 s (10 bytes received)" in caplog.text
+    assert "closed in the middle" not in caplog.text  # we closed it, not the gateway
+
+
+async def test_calls_abandoned_at_the_end_of_the_shutdown_grace_are_logged_as_such(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="a6")
+    config = test_config(sock_dir, shutdown_grace=0.2)
+    async with serving(config) as server, await connect(config) as conn:
+        token = await conn.prepare_conf([conf("test-hang")])
+        call = asyncio.create_task(conn.req_call(token))
+        async with asyncio.timeout(5):
+            while not any(c.busy for c in server.connections):  # noqa: ASYNC110 - no event
+                await asyncio.sleep(0.01)
+        await server.stop()
+        with pytest.raises(ClientProtocolViolation):  # the gateway gets no reply: a 503
+            await call
+    messages = [r.getMessage() for r in caplog.records]
+    assert "shutdown grace of 0.2 s is over: abandoning 1 call(s) still running" in messages
+    # The runner ended the call, not the gateway: the log must not say otherwise.
+    assert not [m for m in messages if "closed in the middle" in m]
