@@ -75,7 +75,7 @@ def run(ctx: click.Context, /, **_options: Any) -> None:
     from runner.core.logs import setup_logging
     from runner.server.lifecycle import run as run_runner  # keeps `a6-runner --help` fast
 
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, fmt=config.log_format)
     raise SystemExit(run_runner(config))
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from cachetools import TTLCache
+
+from runner.core.metrics import Metrics
 
 T = TypeVar("T")
 
@@ -75,14 +77,48 @@ class SharedConfs(Protocol[T]):
         ...
 
 
-class _SharedTTLCache(TTLCache[int, T]):
+class _CountingTTLCache(TTLCache[int, T]):
+    """A TTLCache that counts the confs it drops into ``evictions`` (the runner's
+    metrics): "expired" ones and, beyond maxsize, "size" ones. Only writes (a
+    PrepareConf, a conf loaded from the shared store) expire or evict: lookups cost
+    what they cost in a plain TTLCache."""
+
+    def __init__(
+        self,
+        maxsize: int,
+        ttl: float,
+        timer: Callable[[], float],
+        evictions: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._evictions = evictions
+
+    def expire(self, time: Any = None) -> Any:
+        expired = super().expire(time)
+        if expired and self._evictions is not None:
+            self._evictions["expired"] += len(expired)
+        return expired
+
+    def popitem(self) -> tuple[int, T]:
+        item = super().popitem()
+        if self._evictions is not None:
+            self._evictions["size"] += 1
+        return item
+
+
+class _SharedTTLCache(_CountingTTLCache[T]):
     """A TTLCache that looks a token it does not hold up in the shared confs, and keeps
     what it found. Hits cost what they cost in a plain TTLCache."""
 
     def __init__(
-        self, maxsize: int, ttl: float, timer: Callable[[], float], shared: SharedConfs[T]
+        self,
+        maxsize: int,
+        ttl: float,
+        timer: Callable[[], float],
+        shared: SharedConfs[T],
+        evictions: dict[str, int] | None = None,
     ) -> None:
-        super().__init__(maxsize=maxsize, ttl=ttl, timer=timer)
+        super().__init__(maxsize, ttl, timer, evictions)
         self._shared = shared
 
     def __missing__(self, token: int) -> T:
@@ -107,12 +143,20 @@ class ConfCache(Generic[T]):
         timer: Callable[[], float] = time.monotonic,
         issuer: TokenIssuer | None = None,
         shared: SharedConfs[T] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._items: TTLCache[int, T]
-        if shared is None:
-            self._items = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        evictions = metrics.conf_evictions if metrics is not None else None
+        if shared is not None:
+            self._items = _SharedTTLCache(maxsize, ttl, timer, shared, evictions)
+        elif evictions is not None:
+            self._items = _CountingTTLCache(maxsize, ttl, timer, evictions)
         else:
-            self._items = _SharedTTLCache(maxsize, ttl, timer, shared)
+            self._items = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        if metrics is not None:
+            # currsize, not len(): a scrape may read it from another thread, and len()
+            # would expire entries there.
+            metrics.confs_held = lambda: int(self._items.currsize)
         self._shared = shared
         # The conf of a token; KeyError if it is unknown, expired or evicted. The
         # TTLCache's own lookup, for the hot path: get() is one call more per request.

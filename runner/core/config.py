@@ -11,6 +11,7 @@ environment variable, its config-file key, its help and its checks follow.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -31,6 +32,7 @@ TABLE = "runner"
 MAX_SOCKET_PATH = 107
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 # APISIX SIGKILLs the runner 1 s after SIGTERM. The socket file goes first, then calls in
 # flight get this long; what is left of the second closes the connections, gives idle
@@ -160,6 +162,74 @@ def known_log_level(value: str) -> None:
 
 def parse_optional_str(raw: object) -> str | None:
     return parse_str(raw) or None
+
+
+def parse_log_format(raw: object) -> str:
+    text = parse_str(raw).strip().lower()
+    if text not in LOG_FORMATS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(LOG_FORMATS)}")
+    return text
+
+
+def known_log_format(value: str) -> None:
+    if value not in LOG_FORMATS:
+        raise ValueError(f"{value!r} is not one of {', '.join(LOG_FORMATS)}")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusAddress:
+    """Where the metrics and health endpoint listens: a Unix socket ``path``, or TCP
+    ``host`` and ``port``."""
+
+    path: Path | None = None
+    host: str = ""
+    port: int = 0
+
+    @property
+    def loopback(self) -> bool:
+        """True for a Unix socket or a loopback address: only this host can connect."""
+        if self.path is not None or self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: it may resolve to anything
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def status_address(value: str) -> StatusAddress:
+    """``metrics_listen``'s value as an address: ``/path`` or ``unix:/path``, or
+    ``host:port`` (``[::1]:port`` for IPv6); ValueError says what is wrong."""
+    if value.startswith(("/", "unix:")):
+        path = value.removeprefix("unix:")
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError(f"{value!r}: a Unix socket takes an absolute path")
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise ValueError(f"{value!r}: a Unix socket path holds at most {MAX_SOCKET_PATH} bytes")
+        return StatusAddress(path=Path(path))
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is neither host:port nor a Unix socket path")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, [::1]:9091")
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{value!r}: {port_text!r} is not a port (0-65535)")
+    return StatusAddress(host=host, port=port)
+
+
+def optional_status_address(value: str | None) -> None:
+    if value is not None:
+        status_address(value)
 
 
 # ----------------------------------------------------------------- validators
@@ -370,6 +440,38 @@ class Config:
         "run on. With more than 1, a supervisor binds the socket, forks the workers and "
         "replaces any that dies.",
     )
+    log_format: str = setting(
+        "text",
+        metavar="[" + "|".join(LOG_FORMATS) + "]",
+        parse=parse_log_format,
+        check=known_log_format,
+        help="text: one line per event; json: one JSON object per line (time, level, "
+        "process, worker, logger, message and the event's fields).",
+    )
+    metrics_listen: str | None = setting(
+        None,
+        metavar="HOST:PORT|PATH",
+        parse=parse_optional_str,
+        check=optional_status_address,
+        show=lambda value: value,
+        help="Serve Prometheus metrics (/metrics) and health (/healthz, /readyz) on this "
+        "loopback host:port or Unix socket path. Off by default.",
+    )
+    metrics_allow_remote: bool = setting(
+        False,
+        flag=True,
+        parse=parse_bool,
+        help="Let --metrics-listen take an address other hosts can reach (0.0.0.0, a "
+        "public address or a host name). The endpoint has no authentication.",
+    )
+    tracing: bool = setting(
+        False,
+        flag=True,
+        parse=parse_bool,
+        help="Trace each call with OpenTelemetry (pip install 'a6-runner[otel]'), "
+        "continuing the request's traceparent; export over OTLP as the standard OTEL_* "
+        "environment variables say.",
+    )
 
     @property
     def socket_path(self) -> Path:
@@ -388,6 +490,18 @@ class Config:
                 spec.check(getattr(self, name))
             except ValueError as exc:
                 raise ConfigError(f"{name}: {exc}") from None
+        address = self.status_address
+        if address is not None and not address.loopback and not self.metrics_allow_remote:
+            raise ConfigError(
+                f"metrics_listen: {self.metrics_listen!r} is not a loopback address, and the "
+                "endpoint has no authentication; use 127.0.0.1:PORT or a socket path, or "
+                "allow it explicitly with --metrics-allow-remote"
+            )
+
+    @property
+    def status_address(self) -> StatusAddress | None:
+        """``metrics_listen`` parsed; None when the endpoint is off."""
+        return None if self.metrics_listen is None else status_address(self.metrics_listen)
 
     @classmethod
     def from_values(cls, values: Mapping[str, tuple[object, str]]) -> Config:

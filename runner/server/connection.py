@@ -14,6 +14,7 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
+from runner.core.metrics import Metrics
 from runner.protocol.connection import Answer, Call, Close, Exchange, Fault
 from runner.protocol.messages import InfoKind
 
@@ -52,6 +53,7 @@ class Connection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._ended_by: str | None = None  # why we ended the connection ourselves
+        self._metrics = server.metrics
 
     # --------------------------------------------------------------- asyncio events
 
@@ -144,6 +146,9 @@ class Connection(asyncio.Protocol):
             self._set_stall_timer(exchange.stall_due)
 
     def _on_fault(self, fault: Fault[_Waiter]) -> None:
+        if self._metrics is not None:
+            # Closing at once is the oversized frame's fault; the other, a frame out of turn.
+            self._metrics.count_rejected("too_large" if fault.close is Close.NOW else "unexpected")
         for waiter in fault.waiters:
             waiter.set_exception(fault.error)
         if fault.reply is not None:
@@ -181,6 +186,8 @@ class Connection(asyncio.Protocol):
             waiter.set_exception(ConnectionResetError("the gateway closed the connection"))
             return waiter
         transport.write(self._exchange.ask(waiter, kind, name))
+        if self._metrics is not None:
+            waiter.add_done_callback(_ExtraInfoCount(self._metrics, kind))
         return waiter
 
     async def _finish(self, call: int, reply: Coroutine[Any, Any, bytes]) -> None:
@@ -260,6 +267,8 @@ class Connection(asyncio.Protocol):
             exchange.stall_timeout,
             exchange.buffered,
         )
+        if self._metrics is not None:
+            self._metrics.count_rejected("stalled")
         self._end("a stalled frame", abort=True)
 
     # ----------------------------------------------------------------- lifecycle
@@ -301,3 +310,17 @@ class Connection(asyncio.Protocol):
         """The shutdown grace is over: drop the connection and the call running on it.
         (The server has said so in the log: this is not the gateway going away.)"""
         self._end("the end of the shutdown grace", abort=True)
+
+
+class _ExtraInfoCount:
+    """Counts one ExtraInfo round trip once its answer is in (not one given up on)."""
+
+    __slots__ = ("kind", "metrics")
+
+    def __init__(self, metrics: Metrics, kind: InfoKind) -> None:
+        self.metrics = metrics
+        self.kind = kind
+
+    def __call__(self, waiter: _Waiter) -> None:
+        if not waiter.cancelled() and waiter.exception() is None:
+            self.metrics.count_extra_info(self.kind, waiter.result())

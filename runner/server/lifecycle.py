@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import uvloop
 
@@ -19,9 +20,13 @@ from runner.core.cache import ConfCache, SharedConfs
 from runner.core.chain import Chain
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
+from runner.core.metrics import Metrics
 from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
 from runner.server.listener import RunnerServer, StartupError, raise_open_file_limit
 from runner.server.reload import Reloader
+
+if TYPE_CHECKING:
+    from runner.server.status import Health, StatusServer
 
 log = logging.getLogger("a6.app")
 
@@ -29,11 +34,15 @@ BLOCKING_THREADS = "a6-blocking"
 
 
 def build_dispatcher(
-    config: Config, registry: PluginRegistry, shared: SharedConfs[Chain] | None = None
+    config: Config,
+    registry: PluginRegistry,
+    shared: SharedConfs[Chain] | None = None,
+    metrics: Metrics | None = None,
 ) -> Dispatcher:
-    """``shared``: the conf store of a worker process (``--workers``)."""
+    """``shared``: the conf store of a worker process (``--workers``); ``metrics``: the
+    process's counters (``--metrics-listen``)."""
     cache: ConfCache[Chain] = ConfCache(
-        ttl=config.conf_ttl, maxsize=config.max_confs, shared=shared
+        ttl=config.conf_ttl, maxsize=config.max_confs, shared=shared, metrics=metrics
     )
     executor = ThreadPoolExecutor(config.blocking_workers, thread_name_prefix=BLOCKING_THREADS)
     return Dispatcher(
@@ -49,9 +58,13 @@ async def serve(
     dispatcher: Dispatcher,
     ready: asyncio.Event | None = None,
     reloader: Reloader | None = None,
+    health: Health | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the plugins."""
-    server = RunnerServer(config, dispatcher)
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the plugins.
+
+    ``health`` is told when the runner serves and when it stops (``/readyz``)."""
+    server = RunnerServer(config, dispatcher, metrics=metrics)
     try:
         await server.start()
     except OSError as exc:
@@ -77,10 +90,14 @@ async def serve(
     )
     if ready is not None:
         ready.set()
+    if health is not None:
+        health.ready()
     try:
         await stop.wait()
         log.info("shutting down")
     finally:
+        if health is not None:
+            health.not_ready("shutting down")
         # Handlers stay during the grace period: a second SIGTERM must not kill the
         # process half-way through its cleanup (and leave the socket file behind).
         try:
@@ -91,6 +108,20 @@ async def serve(
     log.info("stopped")
 
 
+def start_status(config: Config, metrics: Metrics) -> tuple[Health, StatusServer]:
+    """The single runner's metrics and health endpoint, served from a thread."""
+    from runner.server.status import Health, RunnerCollector, StatusServer, render
+
+    address = config.status_address
+    assert address is not None
+    health = Health()
+    collector = RunnerCollector(lambda: [(0, metrics.snapshot())])
+    status = StatusServer(address, lambda: render(collector), lambda: health.reasons)
+    status.start_thread()
+    log.info("metrics and health on %s (/metrics, /healthz, /readyz)", status.bound)
+    return health, status
+
+
 def reload_on_signal(reloader: Reloader) -> None:
     try:
         reloader.reload()
@@ -99,7 +130,12 @@ def reload_on_signal(reloader: Reloader) -> None:
         log.exception("reload on SIGHUP failed; the previous plugins keep serving")
 
 
-async def serve_reloading(config: Config, dispatcher: Dispatcher) -> None:
+async def serve_reloading(
+    config: Config,
+    dispatcher: Dispatcher,
+    health: Health | None = None,
+    metrics: Metrics | None = None,
+) -> None:
     """``serve``, with plugin directories watched for changes (``--reload``)."""
     reloader = Reloader(config.plugin_dirs, dispatcher, lambda: load_registry(config))
     if not config.plugin_dirs:
@@ -108,7 +144,7 @@ async def serve_reloading(config: Config, dispatcher: Dispatcher) -> None:
         log.info("reload: watching %s", ", ".join(str(d) for d in reloader.directories))
     watcher = asyncio.get_running_loop().create_task(reloader.run())
     try:
-        await serve(config, dispatcher, reloader=reloader)
+        await serve(config, dispatcher, reloader=reloader, health=health, metrics=metrics)
     finally:
         watcher.cancel()
 
@@ -133,14 +169,28 @@ def run(config: Config) -> int:
         from runner.server.supervisor import supervise  # forks: only with --workers
 
         return supervise(config, registry)
-    dispatcher = build_dispatcher(config, registry)
+    metrics: Metrics | None = None
+    health: Health | None = None
+    status: StatusServer | None = None
+    if config.metrics_listen is not None:
+        metrics = Metrics()
+        try:
+            health, status = start_status(config, metrics)
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+    dispatcher = build_dispatcher(config, registry, metrics=metrics)
     try:
-        main = serve_reloading if config.reload else serve
-        uvloop.run(main(config, dispatcher))
+        if config.reload:
+            uvloop.run(serve_reloading(config, dispatcher, health, metrics))
+        else:
+            uvloop.run(serve(config, dispatcher, health=health, metrics=metrics))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1
     finally:
+        if status is not None:
+            status.close()
         if dispatcher.executor is not None:
             dispatcher.executor.shutdown(wait=False, cancel_futures=True)
         sys.stderr.flush()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
+from runner.core.metrics import Metrics
 from runner.protocol.connection import DEFAULT_MAX_BACKLOG, DEFAULT_STALL_TIMEOUT
 from runner.server.connection import Connection
 
@@ -43,8 +44,11 @@ class RunnerServer:
         *,
         frame_stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        # Counted into by the connections; None (no --metrics-listen): nothing counts.
+        self.metrics = metrics
         self._listener = listener
         self.dispatcher = dispatcher
         self.frame_stall_timeout = frame_stall_timeout
@@ -56,6 +60,8 @@ class RunnerServer:
         self._refused = 0
         self._socket_id: tuple[int, int] | None = None
         self.deadline_check: asyncio.TimerHandle | None = None
+        if metrics is not None:
+            metrics.open_connections = lambda: len(self.connections)
 
     async def start(self) -> None:
         path = self.config.socket_path
@@ -131,6 +137,8 @@ class RunnerServer:
 
     def note_refused(self) -> None:
         self._refused += 1
+        if self.metrics is not None:
+            self.metrics.connections_refused += 1
         if self._refused == 1 or self._refused % 1000 == 0:
             log.warning(
                 "refused %d connection(s): at the limit of %d (max_connections)",

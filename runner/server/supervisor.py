@@ -304,5 +304,7 @@ def _describe(status: int) -> str:
 
 def supervise(config: Config, registry: PluginRegistry) -> int:
     """Serve ``config.workers`` worker processes until a signal; the exit status."""
-    setup_logging(config.log_level, f"supervisor pid {os.getpid()}")
+    setup_logging(
+        config.log_level, f"supervisor pid {os.getpid()}", config.log_format, "supervisor"
+    )
     return Supervisor(config, registry).run()

@@ -44,7 +44,7 @@ def worker_main(
     ``supervisor_pipe`` is the read end of a pipe whose write end only the supervisor
     holds: it reads as end-of-file once the supervisor has exited, however it died.
     """
-    setup_logging(config.log_level, f"worker {number} pid {os.getpid()}")
+    setup_logging(config.log_level, f"worker {number} pid {os.getpid()}", config.log_format, number)
     if config.reload:
         # The registry inherited from the supervisor was loaded at its start: a worker
         # started later (a replacement) loads the plugin files as they are now.
