@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -58,6 +59,8 @@ OUTCOME_REWRITE = "rewrite"
 OUTCOME_OK = "ok"
 ERROR_OUTCOMES = {code: code.name.lower() for code in ErrCode}
 INFO_KINDS = {kind: kind.name.lower() for kind in InfoKind}
+
+log = logging.getLogger("a6.metrics")
 
 Snapshot: TypeAlias = dict[str, Any]
 """``Metrics.snapshot()``: JSON-able, and summed across workers by ``merge_snapshots``."""
@@ -272,6 +275,13 @@ class MetricsPublisher:
 
     async def run(self, sleep: Callable[[float], Awaitable[None]]) -> None:
         """Publish now (the file also says the worker serves), then every ``interval``."""
+        failing = False
         while True:
-            self.publish()
+            try:
+                self.publish()
+                failing = False
+            except OSError as exc:
+                if not failing:  # once per spell of failures, not twice a second
+                    log.warning("cannot write the metrics snapshot %s: %s", self.path, exc)
+                failing = True
             await sleep(self.interval)

@@ -376,6 +376,14 @@ class StatusServer:
         if self.address.path is not None and self._socket_id is not None:
             remove_socket(self.address.path, self._socket_id)
 
+    def close_inherited(self) -> None:
+        """In a forked child: close our copies of the sockets, touching nothing else
+        (the socket file and the clients are the parent's)."""
+        for client in self._clients.values():
+            client.sock.close()
+        self._clients.clear()
+        self._listener.close()
+
     # ----------------------------------------------------------------- clients
 
     def _accept(self) -> None:

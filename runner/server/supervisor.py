@@ -38,10 +38,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from runner.core.config import Config
 from runner.core.confstore import make_store_dir, sweep
 from runner.core.logs import setup_logging
+from runner.core.metrics import (
+    Snapshot,
+    merge_snapshots,
+    read_snapshot,
+    snapshot_path,
+    without_gauges,
+)
 from runner.core.registry import PluginRegistry
 from runner.server.listener import (
     StartupError,
@@ -50,6 +58,9 @@ from runner.server.listener import (
     remove_socket,
 )
 from runner.server.worker import worker_main
+
+if TYPE_CHECKING:
+    from runner.server.status import StatusServer
 
 log = logging.getLogger("a6.supervisor")
 
@@ -86,6 +97,12 @@ class Supervisor:
         self._listener: socket.socket | None = None
         self._socket_id: tuple[int, int] | None = None
         self._store_dir: Path | None = None
+        # --metrics-listen: the workers' snapshots, the endpoint, and what stays of the
+        # workers that died (their counts must not vanish from the totals).
+        self._metrics_dir: Path | None = None
+        self._status: StatusServer | None = None
+        self._retired: Snapshot = {}
+        self._restarts: dict[str, int] = {}
         self._sweep_interval = max(1.0, min(60.0, config.conf_ttl / 4))
         # Signals wake the wait through this pipe (signal.set_wakeup_fd).
         self._wake_r, self._wake_w = os.pipe()
@@ -111,6 +128,12 @@ class Supervisor:
             except OSError as exc:
                 log.error("cannot start: cannot create the shared conf store: %s", exc)
                 return 1
+            if self.config.metrics_listen is not None:
+                try:
+                    self._start_status(self._store_dir)
+                except (StartupError, OSError) as exc:
+                    log.error("cannot start: %s", exc)
+                    return 1
             log.info(
                 "listening on unix:%s with %d workers (conf store %s; plugins: %s)",
                 self.config.socket_path,
@@ -125,6 +148,10 @@ class Supervisor:
             self._shutdown()
             return 0
         finally:
+            if self._status is not None:
+                self._status.close()
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
             if self._store_dir is not None:
                 shutil.rmtree(self._store_dir, ignore_errors=True)
             if self._listener is not None:
@@ -225,6 +252,8 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 for fd in (self._wake_r, self._wake_w, self._alive_w):
                     os.close(fd)
+                if self._status is not None:
+                    self._status.close_inherited()  # the endpoint is the supervisor's
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 status = worker_main(
                     slot.number,
@@ -233,6 +262,7 @@ class Supervisor:
                     self._listener,
                     self._store_dir,
                     self._alive_r,
+                    self._metrics_dir,
                 )
             except BaseException:
                 with contextlib.suppress(BaseException):
@@ -258,8 +288,12 @@ class Supervisor:
             if slot is None:
                 continue
             slot.pid = 0
+            self._retire(slot.number, pid)
             if self._stopping:
                 continue
+            if self._status is not None:
+                cause = "killed" if os.waitstatus_to_exitcode(status) < 0 else "exited"
+                self._restarts[cause] = self._restarts.get(cause, 0) + 1
             lived = time.monotonic() - slot.started
             if lived < FAST_FAILURE:
                 slot.fast_failures += 1
@@ -277,12 +311,70 @@ class Supervisor:
             )
 
     def _wait(self, timeout: float) -> None:
-        """Sleep until a signal arrives or ``timeout`` seconds have passed."""
-        with contextlib.suppress(InterruptedError):
-            select.select([self._wake_r], [], [], max(0.0, timeout))
+        """Sleep until a signal arrives or ``timeout`` seconds have passed (serving the
+        metrics endpoint meanwhile, if there is one)."""
+        if self._status is not None:
+            self._status.wait(timeout, self._wake_r)
+        else:
+            with contextlib.suppress(InterruptedError):
+                select.select([self._wake_r], [], [], max(0.0, timeout))
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 512):
                 pass
+
+    # --------------------------------------------------------------------- metrics
+
+    def _start_status(self, store_dir: Path) -> None:
+        from runner.server.status import RunnerCollector, StatusServer, render
+
+        address = self.config.status_address
+        assert address is not None
+        # Beside the conf store and named after it, so that the next runner removes
+        # it with the store if this supervisor is killed.
+        self._metrics_dir = store_dir.with_name(store_dir.name + "-metrics")
+        self._metrics_dir.mkdir(mode=0o700)
+        collector = RunnerCollector(
+            self._live_snapshots, lambda: self._retired, self._restart_counts
+        )
+        self._status = StatusServer(address, lambda: render(collector), self._not_ready)
+        log.info("metrics and health on %s (/metrics, /healthz, /readyz)", self._status.bound)
+
+    def _live_snapshots(self) -> list[tuple[int, Snapshot]]:
+        out = []
+        for slot in self.slots:
+            if slot.pid and self._metrics_dir is not None:
+                snap = read_snapshot(snapshot_path(self._metrics_dir, slot.number, slot.pid))
+                if snap is not None:
+                    out.append((slot.number, snap))
+        return out
+
+    def _restart_counts(self) -> dict[str, int]:
+        return {"killed": 0, "exited": 0, **self._restarts}
+
+    def _not_ready(self) -> list[str]:
+        """Why /readyz answers 503: every worker must be up and serving."""
+        if self._stopping:
+            return ["shutting down"]
+        reasons = []
+        for slot in self.slots:
+            if not slot.pid:
+                reasons.append(f"worker {slot.number} is down (restarting)")
+            elif (
+                self._metrics_dir is not None
+                and not snapshot_path(self._metrics_dir, slot.number, slot.pid).exists()
+            ):
+                reasons.append(f"worker {slot.number} is starting")
+        return reasons
+
+    def _retire(self, number: int, pid: int) -> None:
+        """Keep a dead worker's counters in the totals (its last snapshot's)."""
+        if self._metrics_dir is None:
+            return
+        path = snapshot_path(self._metrics_dir, number, pid)
+        snap = read_snapshot(path)
+        if snap is not None:
+            self._retired = merge_snapshots([self._retired, without_gauges(snap)])
+        path.unlink(missing_ok=True)
 
     def _sweep(self) -> None:
         assert self._store_dir is not None

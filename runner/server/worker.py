@@ -23,6 +23,7 @@ from runner.core.config import Config
 from runner.core.confstore import ConfStore
 from runner.core.dispatch import Dispatcher
 from runner.core.logs import setup_logging
+from runner.core.metrics import Metrics, MetricsPublisher, snapshot_path
 from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
 from runner.server.lifecycle import build_dispatcher
 from runner.server.listener import RunnerServer
@@ -38,11 +39,13 @@ def worker_main(
     listener: socket.socket,
     store_dir: Path,
     supervisor_pipe: int,
+    metrics_dir: Path | None = None,
 ) -> int:
     """Run worker ``number`` until it is told to stop; its exit status.
 
     ``supervisor_pipe`` is the read end of a pipe whose write end only the supervisor
     holds: it reads as end-of-file once the supervisor has exited, however it died.
+    ``metrics_dir``: where the worker publishes its counts for the supervisor to sum.
     """
     setup_logging(config.log_level, f"worker {number} pid {os.getpid()}", config.log_format, number)
     if config.reload:
@@ -57,9 +60,14 @@ def worker_main(
     store = ConfStore(
         store_dir, config.conf_ttl, lambda key, conf: dispatcher.build_chain(key, conf)
     )
-    dispatcher = build_dispatcher(config, registry, shared=store)
+    publisher: MetricsPublisher | None = None
+    metrics: Metrics | None = None
+    if metrics_dir is not None:
+        metrics = Metrics()
+        publisher = MetricsPublisher(metrics, snapshot_path(metrics_dir, number, os.getpid()))
+    dispatcher = build_dispatcher(config, registry, shared=store, metrics=metrics)
     try:
-        uvloop.run(serve_worker(config, dispatcher, listener, supervisor_pipe))
+        uvloop.run(serve_worker(config, dispatcher, listener, supervisor_pipe, publisher))
     finally:
         if dispatcher.executor is not None:
             dispatcher.executor.shutdown(wait=False, cancel_futures=True)
@@ -70,10 +78,15 @@ def worker_main(
 
 
 async def serve_worker(
-    config: Config, dispatcher: Dispatcher, listener: socket.socket, supervisor_pipe: int
+    config: Config,
+    dispatcher: Dispatcher,
+    listener: socket.socket,
+    supervisor_pipe: int,
+    publisher: MetricsPublisher | None = None,
 ) -> None:
     """Serve until SIGTERM, SIGINT or the supervisor's exit, then shut down gracefully."""
-    server = RunnerServer(config, dispatcher, listener=listener)
+    metrics = publisher.metrics if publisher is not None else None
+    server = RunnerServer(config, dispatcher, listener=listener, metrics=metrics)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -91,6 +104,8 @@ async def serve_worker(
     if config.reload and config.plugin_dirs:
         reloader = Reloader(config.plugin_dirs, dispatcher, lambda: load_registry(config))
         watcher = loop.create_task(reloader.run())
+    # The first snapshot also tells the supervisor (and /readyz) that this worker serves.
+    publishing = loop.create_task(publisher.run(asyncio.sleep)) if publisher else None
     log.info("serving")
     try:
         await stop.wait()
@@ -99,6 +114,12 @@ async def serve_worker(
         try:
             await server.stop()
         finally:
+            if publishing is not None and publisher is not None:
+                publishing.cancel()
+                try:
+                    publisher.publish()  # the calls finished during the grace count too
+                except OSError as exc:
+                    log.warning("cannot write the last metrics snapshot: %s", exc)
             loop.remove_reader(supervisor_pipe)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
