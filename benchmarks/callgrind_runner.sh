@@ -8,7 +8,9 @@
 #   RUNNER_PATH=/tmp/orig benchmarks/callgrind_runner.sh '[{"name": "say", "value": "{}"}]'
 #
 # RUNNER_PATH runs another version of the runner (unpacked with git archive), as
-# benchmarks/suite.py --runner-path does. Needs valgrind (Debian package valgrind).
+# benchmarks/suite.py --runner-path does; RUNNER_ARGS adds options to the runner's
+# command line (benchmarks/metrics.py: RUNNER_ARGS="--metrics-listen 127.0.0.1:0").
+# Needs valgrind (Debian package valgrind).
 set -euo pipefail
 conf=${1:-'[{"name": "say", "value": "{}"}]'}
 n1=${N1:-1000}
@@ -24,7 +26,7 @@ total() {  # total() CALLS -> instructions of a runner that served CALLS calls
     (
         if [ -n "${RUNNER_PATH:-}" ]; then cd "$RUNNER_PATH"; export PYTHONPATH=$RUNNER_PATH; fi
         PYTHONHASHSEED=0 exec valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-            "$python" -P -m runner run --listen "$sock" --log-level warning
+            "$python" -P -m runner run --listen "$sock" --log-level warning ${RUNNER_ARGS:-}
     ) 2>"$log" &
     local pid=$!
     for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.5; done
