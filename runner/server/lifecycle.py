@@ -26,6 +26,7 @@ from runner.server.listener import RunnerServer, StartupError, raise_open_file_l
 from runner.server.reload import Reloader
 
 if TYPE_CHECKING:
+    from runner.core.tracing import CallTracer
     from runner.server.status import Health, StatusServer
 
 log = logging.getLogger("a6.app")
@@ -38,9 +39,10 @@ def build_dispatcher(
     registry: PluginRegistry,
     shared: SharedConfs[Chain] | None = None,
     metrics: Metrics | None = None,
+    tracer: CallTracer | None = None,
 ) -> Dispatcher:
     """``shared``: the conf store of a worker process (``--workers``); ``metrics``: the
-    process's counters (``--metrics-listen``)."""
+    process's counters (``--metrics-listen``); ``tracer``: its spans (``--tracing``)."""
     cache: ConfCache[Chain] = ConfCache(
         ttl=config.conf_ttl, maxsize=config.max_confs, shared=shared, metrics=metrics
     )
@@ -108,6 +110,30 @@ async def serve(
     log.info("stopped")
 
 
+def load_tracing(config: Config) -> CallTracer | None:
+    """The process's tracer with ``--tracing`` (None without); StartupError if the otel
+    extra is missing. Call it in the process that serves calls (after a fork)."""
+    if not check_tracing(config):
+        return None
+    from runner.core.tracing import load_tracer
+
+    return load_tracer()
+
+
+def check_tracing(config: Config) -> bool:
+    """True if ``--tracing`` is on and can work; StartupError if the extra is missing."""
+    if not config.tracing:
+        return False
+    try:
+        import runner.core.tracing  # noqa: F401
+    except ImportError as exc:
+        raise StartupError(
+            f"tracing: OpenTelemetry is not installed ({exc.name or exc}); "
+            "install it with: pip install 'a6-runner[otel]'"
+        ) from None
+    return True
+
+
 def start_status(config: Config, metrics: Metrics) -> tuple[Health, StatusServer]:
     """The single runner's metrics and health endpoint, served from a thread."""
     from runner.server.status import Health, RunnerCollector, StatusServer, render
@@ -168,7 +194,18 @@ def run(config: Config) -> int:
     if config.workers > 1:
         from runner.server.supervisor import supervise  # forks: only with --workers
 
+        try:
+            # Each worker makes its own tracer; a missing extra stops the start here.
+            check_tracing(config)
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
         return supervise(config, registry)
+    try:
+        tracer = load_tracing(config)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     metrics: Metrics | None = None
     health: Health | None = None
     status: StatusServer | None = None
@@ -179,7 +216,7 @@ def run(config: Config) -> int:
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             return 1
-    dispatcher = build_dispatcher(config, registry, metrics=metrics)
+    dispatcher = build_dispatcher(config, registry, metrics=metrics, tracer=tracer)
     try:
         if config.reload:
             uvloop.run(serve_reloading(config, dispatcher, health, metrics))
@@ -191,6 +228,8 @@ def run(config: Config) -> int:
     finally:
         if status is not None:
             status.close()
+        if tracer is not None:
+            tracer.flush()
         if dispatcher.executor is not None:
             dispatcher.executor.shutdown(wait=False, cancel_futures=True)
         sys.stderr.flush()

@@ -25,8 +25,8 @@ from runner.core.dispatch import Dispatcher
 from runner.core.logs import setup_logging
 from runner.core.metrics import Metrics, MetricsPublisher, snapshot_path
 from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
-from runner.server.lifecycle import build_dispatcher
-from runner.server.listener import RunnerServer
+from runner.server.lifecycle import build_dispatcher, load_tracing
+from runner.server.listener import RunnerServer, StartupError
 from runner.server.reload import Reloader
 
 log = logging.getLogger("a6.worker")
@@ -65,12 +65,19 @@ def worker_main(
     if metrics_dir is not None:
         metrics = Metrics()
         publisher = MetricsPublisher(metrics, snapshot_path(metrics_dir, number, os.getpid()))
-    dispatcher = build_dispatcher(config, registry, shared=store, metrics=metrics)
+    try:
+        tracer = load_tracing(config)  # here, after the fork: its exporter runs a thread
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    dispatcher = build_dispatcher(config, registry, shared=store, metrics=metrics, tracer=tracer)
     try:
         uvloop.run(serve_worker(config, dispatcher, listener, supervisor_pipe, publisher))
     finally:
         if dispatcher.executor is not None:
             dispatcher.executor.shutdown(wait=False, cancel_futures=True)
+        if tracer is not None:
+            tracer.flush()  # the caller leaves with os._exit: nothing flushes at exit
         sys.stderr.flush()
     # The caller leaves with os._exit: a plugin thread stuck in blocking code does not
     # hold the worker (as in a single runner), and nothing of the supervisor's runs here.
