@@ -13,8 +13,8 @@ from runner.plugin import ConfigError, Plugin, Request, Response
 from runner.testing import (
     CallTimeout,
     PluginConfigError,
-    RewriteAction,
-    StopAction,
+    Rewrite,
+    Stop,
     prepare,
     run_request,
     run_request_async,
@@ -71,7 +71,7 @@ class Marker(Plugin[None]):
         request.headers.delete("cookie")
         request.args.add("page", "2")
         request.args.delete("debug")
-        request.set_response_header("x-served-by", "marker")
+        request.response_headers.set("x-served-by", "marker")
 
 
 class Inspect(Plugin[None]):
@@ -148,7 +148,8 @@ def test_prepare_checks_the_config_as_prepare_conf_does() -> None:
     ("config", "message"),
     [
         ({}, "plugin 'echo': field 'greeting': required field is missing"),
-        ({"greeting": 1}, "field 'greeting': expected a string, got 1"),
+        ({"greeting": 1}, "field 'greeting': expected a string, got a number"),
+        ("", "invalid JSON"),
         ({"greeting": "x", "colour": "red"}, "field 'colour': unknown field"),
         ({"greeting": "x", "limits": {"low": 5, "high": 1}}, "field 'limits.low': must not"),
         ("{not json", "invalid JSON"),
@@ -177,8 +178,8 @@ def test_a_stop_reaches_the_gateway_with_status_headers_and_body() -> None:
         src_ip="10.1.2.3",
         body=b"payload",
     )
-    assert result.stop == StopAction(
-        201, [("x-a", "1"), ("x-a", "2")], b"hello POST /items 10.1.2.3 b'payload'"
+    assert result.stop == Stop(
+        201, (("x-a", "1"), ("x-a", "2")), b"hello POST /items 10.1.2.3 b'payload'"
     )
     assert result.stop.header("X-A") == "1"
     # Asked once each: the second var() was answered from the call's cache.
@@ -199,11 +200,11 @@ def test_a_rewrite_carries_only_what_changed() -> None:
         headers=[("Cookie", "a=1"), ("Accept", "*/*")],
         args="debug&q=x",
     )
-    assert result.rewrite == RewriteAction(
+    assert result.rewrite == Rewrite(
         path="/v2/items",
-        headers=[("x-marked", "yes"), ("cookie", None)],
-        args=[("page", "2"), ("debug", None)],
-        resp_headers=[("x-served-by", "marker")],
+        headers=(("x-marked", "yes"), ("cookie", None)),
+        args=(("page", "2"), ("debug", None)),
+        resp_headers=(("x-served-by", "marker"),),
         body=None,
     )
     # The request as a next plugin in the chain would see it.
@@ -309,12 +310,12 @@ def test_a_response_change_is_reported_as_the_gateway_and_the_client_see_it() ->
     )
     assert (result.status, result.body) == (202, b"HELLO")
     # A replaced body must not travel with the upstream's length or framing headers.
-    assert result.headers == [
+    assert result.headers == (
         ("Content-Type", "text/plain"),
         ("Set-Cookie", "a=1"),
         ("Set-Cookie", "b=2"),
         ("x-tidy", "1"),
-    ]
+    )
     assert result.client_status == 202
     assert result.client_body == b"HELLO"
     assert result.header("content-type") == "text/plain"
@@ -329,7 +330,7 @@ def test_an_unchanged_response_keeps_the_upstreams_minus_what_the_gateway_drops(
         body="not found",
     )
     assert not result.changed
-    assert (result.status, result.headers, result.body) == (0, [], None)
+    assert (result.status, result.headers, result.body) == (0, (), None)
     assert result.client_status == 404
-    assert result.client_headers == [("x-upstream", "1")]
+    assert result.client_headers == (("x-upstream", "1"),)
     assert result.client_body == b"not found"

@@ -16,6 +16,7 @@ from runner.cli_options import (
     plugin_dirs,
     plugins_dir_option,
 )
+from runner.core.chain import implements, summary
 from runner.core.config import Config
 
 PLUGIN_NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
@@ -47,12 +48,11 @@ def plugins_command(plugins_dir: tuple[str, ...], builtin_plugins: bool) -> None
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
     for cls in registry:
-        hooks = [h for h, has in (("on_request", cls.handles_requests()),
-                                  ("on_response", cls.handles_responses())) if has]  # fmt: skip
+        hooks = [h for h in ("on_request", "on_response") if implements(cls, h)]
         flags = ", ".join(hooks + (["blocking"] if cls.blocking else [])) or "no hooks"
         click.echo(f"{cls.name}  ({flags})  {_shorten(registry.origin(cls.name))}")
-        if cls.summary():
-            click.echo(f"    {cls.summary()}")
+        if summary(cls):
+            click.echo(f"    {summary(cls)}")
         config_type = cls.config_type
         shown = "none" if config_type in (None, type(None)) else describe(config_type)
         click.echo(f"    config: {shown}")
@@ -207,13 +207,13 @@ from {module} import {cls}
 def test_it_adds_the_configured_header() -> None:
     plugin = prepare({cls}, {{"header": "x-greeting", "value": "hi"}})
     result = run_request(plugin, path="/anything")
-    assert result.rewrite.headers == [("x-greeting", "hi")]
+    assert result.rewrite.headers == (("x-greeting", "hi"),)
 
 
 def test_a_request_without_the_required_arg_is_refused() -> None:
     plugin = prepare({cls}, {{"required_arg": "token"}})
     assert run_request(plugin, args="other=1").stop.status == 403
-    assert run_request(plugin, args="token=abc").rewrite.headers == [("x-{name}", "hello")]
+    assert run_request(plugin, args="token=abc").rewrite.headers == (("x-{name}", "hello"),)
 
 
 def test_a_bad_config_is_rejected_naming_the_field() -> None:

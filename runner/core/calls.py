@@ -1,0 +1,196 @@
+"""The runner's side of one call: what the plugins changed, and the reply that says so.
+
+``runner.plugin``'s Request and Response are the plugin author's view of a call. Every
+change a plugin makes through them is written into an edits record defined here
+(:class:`RequestEdits`, :class:`ResponseEdits`), which the dispatcher creates, hands to
+the view, keeps, and encodes once the chain is done. The records are the whole
+interface between the two layers: the encoder never reads a view's private state, and
+the views never encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, TypeAlias
+
+from runner.protocol.messages import (
+    Entry,
+    Rewrite,
+    Stop,
+    encode_pass_through_reply,
+    encode_req_call_reply,
+    encode_resp_call_reply,
+    encode_rewrite_reply,
+)
+
+__all__ = [
+    "EXCLUDED_RESPONSE_HEADERS",
+    "ChangeLog",
+    "RequestEdits",
+    "ResponseEdits",
+    "encode_request_reply",
+    "encode_response_reply",
+    "request_action",
+    "response_reply",
+]
+
+ChangeLog: TypeAlias = dict[str, tuple[str, list[str | None]]]
+"""The names a plugin changed, in order of first change: key (lower-cased for headers)
+-> (the name as last spelled, every value it has now; none means deleted)."""
+
+# The gateway drops these names from a Rewrite's resp_headers without a word
+# (apisix/plugins/ext-plugin/init.lua, exclude_resp_header), so the API refuses them.
+EXCLUDED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "location",
+        "server",
+        "www-authenticate",
+        "content-encoding",
+        "content-type",
+        "content-location",
+        "content-language",
+    }
+)
+
+# Hop-by-hop headers of the upstream's response: never copied onto the client's response.
+_FRAMING_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding"})
+
+
+class EntryTable(Protocol):
+    """A header table whose whole content is sent (a response's headers)."""
+
+    def items(self) -> list[Entry]: ...
+
+
+class CallEdits:
+    """What both phases record."""
+
+    __slots__ = ("loop", "stop")
+
+    def __init__(self) -> None:
+        # Set while a blocking hook runs in a worker thread: run_sync reaches the loop
+        # through it, and it is cleared when the hook ends so that a thread outliving
+        # its call cannot ask the gateway on a connection that has moved on.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # A Stop ends the chain. Only a request can be stopped: a response's stays None.
+        self.stop: Stop | None = None
+
+
+class RequestEdits(CallEdits):
+    """The changes the plugins of one request made so far."""
+
+    __slots__ = ("args", "body", "headers", "path", "resp_headers")
+
+    def __init__(self) -> None:
+        CallEdits.__init__(self)
+        self.path: str | None = None
+        self.body: bytes | None = None
+        # Made by the views on first use: most requests change neither.
+        self.headers: ChangeLog | None = None
+        self.args: ChangeLog | None = None
+        self.resp_headers: EntryTable | None = None
+
+
+class ResponseEdits(CallEdits):
+    """The changes the plugins of one post-response call made so far."""
+
+    __slots__ = ("body", "header_log", "headers", "status")
+
+    def __init__(self) -> None:
+        CallEdits.__init__(self)
+        self.status = 0  # 0: the upstream's status stands
+        self.body: bytes | None = None
+        self.header_log: ChangeLog = {}
+        self.headers: EntryTable | None = None  # the response's headers, as they are now
+
+
+# ---------------------------------------------------------------------- HTTPReqCall
+
+
+def encode_request_reply(call_id: int, edits: RequestEdits) -> bytes:
+    """The HTTPReqCall reply payload for these edits, encoded without building the
+    :func:`request_action` message first (the hot path; the tests hold both to the
+    same bytes). ``call_id`` is the request's own, known to fit a uint32."""
+    stop = edits.stop
+    if stop is not None:
+        return encode_req_call_reply(call_id, stop)
+    headers = edits.headers
+    args = edits.args
+    # Header changes, inlined: this runs once per call that sets a header.
+    changed_headers: list[Entry] = []
+    if headers:
+        for name, values in headers.values():
+            changed_headers.append((name, values[-1] if values else None))
+    changed_args = _arg_changes(args) if args else []
+    resp = edits.resp_headers
+    resp_headers = _resp_header_items(resp) if resp is not None else []
+    path = edits.path
+    body = edits.body
+    if changed_headers or changed_args or path is not None or resp_headers or body is not None:
+        return encode_rewrite_reply(
+            call_id, path, changed_headers, changed_args, resp_headers, body
+        )
+    return encode_pass_through_reply(call_id)
+
+
+def request_action(edits: RequestEdits) -> Stop | Rewrite | None:
+    """The message the edits stand for: the Stop, the Rewrite, or None if unchanged."""
+    if edits.stop is not None:
+        return edits.stop
+    headers = [(n, v[-1] if v else None) for n, v in (edits.headers or {}).values()]
+    args = _arg_changes(edits.args) if edits.args else []
+    resp = edits.resp_headers
+    resp_headers = tuple(_resp_header_items(resp)) if resp is not None else ()
+    if headers or args or edits.path is not None or resp_headers or edits.body is not None:
+        return Rewrite(edits.path, tuple(headers), tuple(args), resp_headers, edits.body)
+    return None
+
+
+def _arg_changes(log: ChangeLog) -> list[Entry]:
+    """The gateway's merge rule: the first entry of a name replaces its values, further
+    entries append, an entry without value deletes. A ``?flag`` that must be re-sent
+    alongside new values can only be sent as ``flag=``."""
+    out: list[Entry] = []
+    for name, values in log.values():
+        if values:
+            out.extend((name, "" if v is None else v) for v in values)
+        else:
+            out.append((name, None))
+    return out
+
+
+def _resp_header_items(table: EntryTable) -> list[tuple[str, str]]:
+    # Values are checked strings when set: a None never gets in.
+    return [(n, v) for n, v in table.items() if v is not None]
+
+
+# --------------------------------------------------------------------- HTTPRespCall
+
+
+def response_reply(edits: ResponseEdits) -> tuple[int, list[tuple[str, str]], bytes | None]:
+    """``(status or 0, headers or [], body or None)`` as HTTPRespCall.Resp wants them.
+
+    The gateway sets every header of a non-empty list on the client's response, so
+    the framing headers of the upstream's response are left out: nginx frames the
+    response itself, and a stale ``content-length`` would cut a replaced body.
+    """
+    headers: list[tuple[str, str]] = []
+    table = edits.headers
+    if edits.header_log and table is not None:
+        body_replaced = edits.body is not None
+        headers = [
+            (n, v)
+            for n, v in table.items()
+            if v is not None
+            and n.lower() not in _FRAMING_HEADERS
+            and not (body_replaced and n.lower() == "content-length")
+        ]
+    return edits.status, headers, edits.body
+
+
+def encode_response_reply(call_id: int, edits: ResponseEdits) -> bytes:
+    """The HTTPRespCall reply payload for these edits."""
+    return encode_resp_call_reply(call_id, *response_reply(edits))
