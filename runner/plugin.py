@@ -168,8 +168,11 @@ class _MultiDict:
         raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
-        """Each distinct name once, in order of first appearance."""
-        return iter(dict.fromkeys(n for n, _ in self._items()))
+        """Each distinct name once (as first spelled), in order of first appearance."""
+        first: dict[str, str] = {}
+        for n, _ in self._items():
+            first.setdefault(self._key(n), n)
+        return iter(first.values())
 
     def __len__(self) -> int:
         return len({self._key(n) for n, _ in self._items()})

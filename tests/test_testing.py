@@ -6,10 +6,13 @@ import asyncio
 import ipaddress
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from runner.plugin import ConfigError, Plugin, Request, Response
+from runner.server.lifecycle import BLOCKING_THREADS
 from runner.testing import (
     CallTimeout,
     PluginConfigError,
@@ -275,7 +278,17 @@ def test_a_blocking_plugin_runs_in_a_thread_and_can_ask_the_gateway() -> None:
     result = run_request(prepare(Blocks), src_ip="192.0.2.7")
     headers = dict(result.rewrite.headers)
     assert headers["x-addr"] == "192.0.2.7"
-    assert headers["x-thread"] != threading.current_thread().name
+    # The runner's own pool for blocking plugins, not asyncio's default executor.
+    assert headers["x-thread"] == BLOCKING_THREADS
+
+
+def test_plain_hooks_before_and_after_an_async_one_run_in_route_order() -> None:
+    first, last = prepare(Marker), prepare(Inspect)
+    result = run_request([first, prepare(Inspect), last], path="/a", args="q=1")
+    assert first.calls == 1
+    assert last.seen  # the chain went on past the async plugin
+    assert result.rewrite.path == "/v2/a"
+    assert result.request.path == "/v2/a"
 
 
 def test_inputs_the_gateway_cannot_send_are_refused() -> None:
@@ -334,3 +347,16 @@ def test_an_unchanged_response_keeps_the_upstreams_minus_what_the_gateway_drops(
     assert result.client_status == 404
     assert result.client_headers == (("x-upstream", "1"),)
     assert result.client_body == b"not found"
+
+
+def test_the_guides_testing_example_runs_as_written() -> None:
+    # docs/plugin-guide.md shows plugin authors how to test; its example must pass.
+    guide = (Path(__file__).parent.parent / "docs" / "plugin-guide.md").read_text()
+    section = guide.split("## 4. Testing plugins", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "plugin-guide.md", "exec"), namespace)
+    tests = [f for name, f in namespace.items() if name.startswith("test_")]
+    assert len(tests) == 3
+    for test in tests:
+        test()
