@@ -256,7 +256,11 @@ class ResponseHeaders(Headers):
         log: ChangeLog | None = None,
         refused: frozenset[str] = frozenset(),
     ) -> None:
-        super().__init__(source, log)
+        # _MultiDict.__init__, inlined: a request that sets a response header makes one.
+        self._source = source
+        self._entries = None
+        self._log = {} if log is None else log
+        self._pending = None
         self._refused = refused
 
     def set(self, name: str, value: str) -> None:
@@ -305,19 +309,20 @@ class Args(_MultiDict):
 class _Call(Generic[EditsT]):
     """What a request and a response share: the call id and the gateway's variables."""
 
-    __slots__ = ("_body", "_edits", "_source", "_vars")
+    __slots__ = ("_answers", "_edits", "_source")
 
     def __init__(self, source: InfoSource, edits: EditsT) -> None:
         self._source = source
         self._edits = edits
-        self._vars: dict[str, bytes | None] = {}
-        self._body: dict[InfoKind, bytes | None] = {}
+        # The gateway's answers, asked once per call: variables by name (a str), bodies
+        # by kind (an InfoKind, an int: never equal to a name). One dict per call.
+        self._answers: dict[str | InfoKind, bytes | None] = {}
 
     async def var_bytes(self, name: str) -> bytes | None:
         """Like :meth:`var`, without decoding."""
         # A membership test, not try/except KeyError: the first ask of every call would
         # raise, and the gateway would be awaited with that exception as context.
-        known = self._vars
+        known = self._answers
         if name in known:
             return known[name]
         value = known[name] = await self._source.ask(InfoKind.VAR, name)
@@ -330,7 +335,7 @@ class _Call(Generic[EditsT]):
         it exists and is empty. Examples: ``remote_addr``, ``server_port``,
         ``request_time``, ``http_user_agent``, ``arg_name``, ``cookie_name``.
         """
-        known = self._vars  # var_bytes, inlined: one coroutine less per variable
+        known = self._answers  # var_bytes, inlined: one coroutine less per variable
         if name in known:
             raw = known[name]
         else:
@@ -338,7 +343,7 @@ class _Call(Generic[EditsT]):
         return None if raw is None else raw.decode("utf-8", "surrogateescape")
 
     async def _fetch_body(self, kind: InfoKind) -> bytes | None:
-        known = self._body
+        known = self._answers
         if kind in known:
             return known[kind]
         value = known[kind] = await self._source.ask(kind)
@@ -428,8 +433,9 @@ class Request(_Call[RequestEdits]):
         ignores them here)."""
         table = self._resp_headers
         if table is None:
-            table = self._resp_headers = ResponseHeaders(refused=EXCLUDED_RESPONSE_HEADERS)
-            self._edits.resp_headers = table
+            log: ChangeLog = {}
+            self._edits.resp_headers = log
+            table = self._resp_headers = ResponseHeaders(None, log, EXCLUDED_RESPONSE_HEADERS)
         return table
 
     @property
@@ -500,7 +506,7 @@ class Request(_Call[RequestEdits]):
         data = _as_bytes(body)
         if not data:
             raise ValueError("the gateway cannot set an empty request body")
-        self._body[InfoKind.REQ_BODY] = data
+        self._answers[InfoKind.REQ_BODY] = data
         self._edits.body = data
 
 
@@ -550,8 +556,9 @@ class Response(_Call[ResponseEdits]):
         super().__init__(source, edits)
         self.id = call_id
         self._status = status
-        self.headers = ResponseHeaders(headers, edits.header_log)
-        edits.headers = self.headers
+        log: ChangeLog = {}
+        self.headers = edits.headers = ResponseHeaders(headers, log)
+        edits.header_log = log
 
     @property
     def status(self) -> int:

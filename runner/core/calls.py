@@ -65,46 +65,43 @@ class EntryTable(Protocol):
     def items(self) -> list[Entry]: ...
 
 
+# One record is made per call. The fields are class attributes holding immutable
+# defaults, and no __init__ runs: a record costs an allocation, and a field is written
+# (into the instance) only when a plugin changes it. Never put a mutable default here.
+
+
 class CallEdits:
     """What both phases record."""
 
-    __slots__ = ("loop", "stop")
-
-    def __init__(self) -> None:
-        # Set while a blocking hook runs in a worker thread: run_sync reaches the loop
-        # through it, and it is cleared when the hook ends so that a thread outliving
-        # its call cannot ask the gateway on a connection that has moved on.
-        self.loop: asyncio.AbstractEventLoop | None = None
-        # A Stop ends the chain. Only a request can be stopped: a response's stays None.
-        self.stop: Stop | None = None
+    # Set while a blocking hook runs in a worker thread: run_sync reaches the loop
+    # through it, and it is cleared when the hook ends so that a thread outliving its
+    # call cannot ask the gateway on a connection that has moved on.
+    loop: asyncio.AbstractEventLoop | None = None
+    # A Stop ends the chain. Only a request can be stopped: a response's stays None.
+    stop: Stop | None = None
 
 
 class RequestEdits(CallEdits):
     """The changes the plugins of one request made so far."""
 
-    __slots__ = ("args", "body", "headers", "path", "resp_headers")
-
-    def __init__(self) -> None:
-        CallEdits.__init__(self)
-        self.path: str | None = None
-        self.body: bytes | None = None
-        # Made by the views on first use: most requests change neither.
-        self.headers: ChangeLog | None = None
-        self.args: ChangeLog | None = None
-        self.resp_headers: EntryTable | None = None
+    path: str | None = None
+    body: bytes | None = None
+    # Set by the views on first use: most requests change none of them.
+    headers: ChangeLog | None = None
+    args: ChangeLog | None = None
+    # Headers for the client's eventual response. They start empty, so the log holds
+    # all of them; the gateway applies each name on its own, so the order of first
+    # change serves as well as any.
+    resp_headers: ChangeLog | None = None
 
 
 class ResponseEdits(CallEdits):
     """The changes the plugins of one post-response call made so far."""
 
-    __slots__ = ("body", "header_log", "headers", "status")
-
-    def __init__(self) -> None:
-        CallEdits.__init__(self)
-        self.status = 0  # 0: the upstream's status stands
-        self.body: bytes | None = None
-        self.header_log: ChangeLog = {}
-        self.headers: EntryTable | None = None  # the response's headers, as they are now
+    status: int = 0  # 0: the upstream's status stands
+    body: bytes | None = None
+    header_log: ChangeLog | None = None  # set with headers, by the Response view
+    headers: EntryTable | None = None  # the response's headers, as they are now
 
 
 # ---------------------------------------------------------------------- HTTPReqCall
@@ -126,7 +123,7 @@ def encode_request_reply(call_id: int, edits: RequestEdits) -> bytes:
             changed_headers.append((name, values[-1] if values else None))
     changed_args = _arg_changes(args) if args else []
     resp = edits.resp_headers
-    resp_headers = _resp_header_items(resp) if resp is not None else []
+    resp_headers = _resp_header_entries(resp) if resp else []
     path = edits.path
     body = edits.body
     if changed_headers or changed_args or path is not None or resp_headers or body is not None:
@@ -143,7 +140,7 @@ def request_action(edits: RequestEdits) -> Stop | Rewrite | None:
     headers = [(n, v[-1] if v else None) for n, v in (edits.headers or {}).values()]
     args = _arg_changes(edits.args) if edits.args else []
     resp = edits.resp_headers
-    resp_headers = tuple(_resp_header_items(resp)) if resp is not None else ()
+    resp_headers = tuple(_resp_header_entries(resp)) if resp else ()
     if headers or args or edits.path is not None or resp_headers or edits.body is not None:
         return Rewrite(edits.path, tuple(headers), tuple(args), resp_headers, edits.body)
     return None
@@ -162,9 +159,13 @@ def _arg_changes(log: ChangeLog) -> list[Entry]:
     return out
 
 
-def _resp_header_items(table: EntryTable) -> list[tuple[str, str]]:
-    # Values are checked strings when set: a None never gets in.
-    return [(n, v) for n, v in table.items() if v is not None]
+def _resp_header_entries(log: ChangeLog) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for name, values in log.values():
+        for value in values:
+            if value is not None:  # never: values are checked strings when set
+                out.append((name, value))
+    return out
 
 
 # --------------------------------------------------------------------- HTTPRespCall
@@ -179,7 +180,7 @@ def response_reply(edits: ResponseEdits) -> tuple[int, list[tuple[str, str]], by
     """
     headers: list[tuple[str, str]] = []
     table = edits.headers
-    if edits.header_log and table is not None:
+    if table is not None and edits.header_log:
         body_replaced = edits.body is not None
         headers = [
             (n, v)

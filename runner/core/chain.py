@@ -118,8 +118,9 @@ def run_plain_steps(
     """Run ``steps[start:]`` while they are plain hooks, in order, until one stops the
     call. Returns the index of the first step that must be awaited (hand it to
     :func:`finish_steps`), or -1 once the chain is over."""
-    for i in range(start, len(steps)):
-        plugin, hook, kind = steps[i]
+    i = start
+    # Over the tuple itself, not range() and indexing: this runs once per call.
+    for plugin, hook, kind in steps[start:] if start else steps:
         if kind:  # not PLAIN
             return i
         try:
@@ -132,6 +133,7 @@ def run_plain_steps(
             raise PluginFailed(plugin.name, _hook_name(call)) from exc
         if edits.stop is not None:
             return -1
+        i += 1
     return -1
 
 
