@@ -184,18 +184,19 @@ class _MultiDict:
     def _replace(self, name: str, values: list[str | None]) -> None:
         """Give ``name`` these values (the list is kept: pass a fresh one)."""
         key = name.lower() if self._fold else name  # _key, inlined: once per change
+        change = (name, values)  # immutable, so the pending change and the log share it
         if self._entries is None:
             pending = self._pending
             if pending is None:
-                self._pending = {key: (name, values)}
+                self._pending = {key: change}
             else:
                 pending.pop(key, None)  # a replaced name moves to the end, as below
-                pending[key] = (name, values)
+                pending[key] = change
         else:
             entries = [e for e in self._entries if self._key(e[0]) != key]
             entries.extend((name, v) for v in values)
             self._entries = entries
-        self._log[key] = (name, values)
+        self._log[key] = change
 
     def _append(self, name: str, value: str | None) -> None:
         entries = self._mutable()
@@ -265,7 +266,10 @@ class ResponseHeaders(Headers):
 
     def set(self, name: str, value: str) -> None:
         """Give header ``name`` exactly this value, replacing all it had."""
-        self._replace(self._check_name(name), [_check_text("header value", value)])
+        _check_text("header name", name)  # _check_name, inlined: the usual change
+        if self._refused and name.lower() in self._refused:
+            raise ValueError(f"the gateway ignores response header {name!r} in a rewrite")
+        self._replace(name, [_check_text("header value", value)])
 
     def add(self, name: str, value: str) -> None:
         """Add one more value for ``name``, keeping the ones it has."""

@@ -152,10 +152,10 @@ def _arg_changes(log: ChangeLog) -> list[Entry]:
     alongside new values can only be sent as ``flag=``."""
     out: list[Entry] = []
     for name, values in log.values():
-        if values:
-            out.extend((name, "" if v is None else v) for v in values)
-        else:
+        if not values:
             out.append((name, None))
+        for value in values:  # a loop, not extend(genexpr): most names have one value
+            out.append((name, "" if value is None else value))
     return out
 
 
