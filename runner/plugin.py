@@ -39,6 +39,7 @@ from runner.core.calls import (
     ResponseEdits,
 )
 from runner.core.configschema import ConfigError
+from runner.core.logs import PluginLogger, plugin_logger
 from runner.protocol.messages import Entry, InfoKind, Stop
 
 __all__ = [
@@ -600,6 +601,19 @@ class Response(_Call[ResponseEdits]):
         self._edits.body = data
 
 
+class _PluginLog:
+    """``Plugin.log``: made on first use and then kept in the instance (a non-data
+    descriptor, so the instance's own attribute wins: later reads cost nothing, and the
+    runner sets it with the route when it creates the plugin for one)."""
+
+    def __get__(self, plugin: Plugin[Any] | None, owner: type[Any]) -> PluginLogger:
+        if plugin is None:
+            raise AttributeError("log is a plugin instance's logger")
+        logger = plugin_logger(type(plugin).name)
+        plugin.__dict__["log"] = logger
+        return logger
+
+
 class Plugin(Generic[ConfigT]):
     """Base class of every plugin. Subclass it, set ``name``, override a hook.
 
@@ -613,11 +627,18 @@ class Plugin(Generic[ConfigT]):
       ``name``: how routes refer to the plugin (unique among loaded plugins).
       ``blocking``: run plain (non-async) hooks in a worker thread, for code that
       blocks (a synchronous HTTP client, a database driver, heavy CPU).
+
+    ``self.log`` is the plugin's logger (a ``logging.LoggerAdapter``): its lines carry
+    the plugin's name and the route it serves (the conf's key), come out at the
+    runner's ``--log-level`` and in its ``--log-format``, and repeated lines are held
+    back like the runner's own. Log events, not requests: the gateway copies every line
+    into its error.log.
     """
 
     name: ClassVar[str]
     config_type: ClassVar[Any] = None
     blocking: ClassVar[bool] = False
+    log: ClassVar[_PluginLog] = _PluginLog()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

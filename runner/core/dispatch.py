@@ -10,10 +10,11 @@ dispatcher's: the connection's exchange keeps them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
-from typing import Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from runner.core.cache import ConfCache
 from runner.core.calls import (
@@ -22,12 +23,23 @@ from runner.core.calls import (
     encode_request_reply,
     encode_response_reply,
 )
-from runner.core.chain import Chain, PluginFailed, finish_steps, run_plain_steps
+from runner.core.chain import Chain, Hook, HookKind, PluginFailed, finish_steps, run_plain_steps
 from runner.core.errors import (
     BadRequest,
+    CallTimeout,
     ConfRejected,
     ConfTokenNotFound,
     error_code_for,
+)
+from runner.core.logs import plugin_logger
+from runner.core.metrics import (
+    ERROR_OUTCOMES,
+    OUTCOME_OK,
+    OUTCOME_PASS,
+    OUTCOME_REWRITE,
+    OUTCOME_STOP,
+    RPC_NAMES,
+    Metrics,
 )
 from runner.core.registry import PluginRegistry
 from runner.plugin import InfoSource, Plugin, Request, Response
@@ -41,6 +53,9 @@ from runner.protocol.messages import (
     encode_error,
     encode_prepare_conf_reply,
 )
+
+if TYPE_CHECKING:
+    from runner.core.tracing import CallTracer
 
 log = logging.getLogger("a6.dispatch")
 
@@ -61,6 +76,8 @@ class Caller(InfoSource, Protocol):
 Handler: TypeAlias = Callable[[bytes, Caller], None]
 
 _ERROR_FRAMES = {code: encode_frame(RPC.ERROR, encode_error(code)) for code in ErrCode}
+# An error frame sent -> the outcome the metrics and traces give its call.
+_FRAME_OUTCOMES = {frame: ERROR_OUTCOMES[code] for code, frame in _ERROR_FRAMES.items()}
 
 
 class Dispatcher:
@@ -71,11 +88,18 @@ class Dispatcher:
         *,
         max_frame_size: int = MAX_PAYLOAD,
         executor: Executor | None = None,
+        metrics: Metrics | None = None,
+        tracer: CallTracer | None = None,
     ) -> None:
         self.registry = registry
         self.cache = cache
         self.max_frame_size = max_frame_size
         self.executor = executor
+        # Observers of the calls (--metrics-listen, --tracing). Without either, a call
+        # costs one check of ``_observed`` more than it would with neither existing.
+        self.metrics = metrics
+        self.tracer = tracer
+        self._observed = metrics is not None or tracer is not None
         self._by_key: dict[str, int] = {}
         self._handlers: dict[int, Handler] = {
             RPC.PREPARE_CONF: self._prepare_conf,
@@ -87,17 +111,24 @@ class Dispatcher:
         """Serve one request frame: its reply goes to ``caller``, now or later."""
         handler = self._handlers.get(rpc_type)
         if handler is None:
+            if self.metrics is not None:
+                self.metrics.count_rejected("unknown_type")
             caller.reply(self.error_frame(BadRequest(_unexpected(rpc_type))))
             return
         try:
             handler(payload, caller)
         except Exception as exc:
             # Raised before the handler gave the caller anything (it gives last).
-            caller.reply(self.error_frame(exc))
+            frame = self.error_frame(exc)
+            if self._observed:
+                self._observe(rpc_type, frame, "", None)
+            caller.reply(frame)
 
     def error_frame(self, exc: BaseException, call_id: int | None = None) -> bytes:
         """The error frame for ``exc``, logged once at a level that fits whose fault it is."""
         code = error_code_for(exc)
+        if self.metrics is not None and isinstance(exc, CallTimeout):
+            self.metrics.call_timeouts += 1
         where = f" (call {call_id})" if call_id is not None else ""
         if isinstance(exc, ConfTokenNotFound):
             # Routine: the gateway re-prepares and retries. Not worth a line per call.
@@ -122,7 +153,10 @@ class Dispatcher:
     # ------------------------------------------------------------------ PrepareConf
 
     def _prepare_conf(self, payload: bytes, caller: Caller) -> None:
-        caller.reply(self._prepared(payload))
+        frame = self._prepared(payload)
+        if self._observed:
+            self._observe(RPC.PREPARE_CONF, frame, OUTCOME_OK, None)
+        caller.reply(frame)
 
     def _prepared(self, payload: bytes) -> bytes:
         req = decode_prepare_conf(payload)
@@ -136,9 +170,13 @@ class Dispatcher:
                 chain = self.cache.get(token)
                 if chain is not None and chain.conf == conf:
                     self.cache.refresh(token, chain)
+                    if self.metrics is not None:
+                        self.metrics.confs_prepared["reused"] += 1
                     return self._frame(RPC.PREPARE_CONF, encode_prepare_conf_reply(token), 0)
         chain = self.build_chain(req.key, conf)
         token = self.cache.put(chain)
+        if self.metrics is not None:
+            self.metrics.confs_prepared["new"] += 1
         if req.key:
             if len(self._by_key) >= self.cache.maxsize:
                 self._by_key.clear()  # entries are hints only; bound them like the cache
@@ -161,10 +199,22 @@ class Dispatcher:
         plugins: list[Plugin[Any]] = []
         for name, raw in conf:
             try:
-                plugins.append(self.registry.create(name, raw))
+                plugin = self.registry.create(name, raw)
             except BadRequest as exc:
                 raise ConfRejected(key, exc) from exc
-        return Chain.build(key, conf, plugins)
+            # Plugin.log, naming the route this instance serves (it serves only that one).
+            plugin.__dict__["log"] = plugin_logger(plugin.name, key)
+            plugins.append(plugin)
+        return Chain.build(key, conf, plugins, self._wrap_hook if self._observed else None)
+
+    def _wrap_hook(self, plugin: Plugin[Any], hook_name: str, hook: Hook, kind: HookKind) -> Hook:
+        """A step's hook, timed (metrics) and in a span of its own (tracing)."""
+        awaited = kind is HookKind.ASYNC
+        if self.metrics is not None:
+            hook = self.metrics.timed_hook(plugin.name, hook_name, hook, awaited)
+        if self.tracer is not None:
+            hook = self.tracer.traced_hook(plugin.name, hook_name, hook, awaited, _stopped)
+        return hook
 
     def forget_confs(self) -> None:
         """Drop every prepared conf: the gateway re-prepares on CONF_TOKEN_NOT_FOUND.
@@ -184,19 +234,34 @@ class Dispatcher:
         except KeyError:
             raise ConfTokenNotFound(call.conf_token) from None
         edits = RequestEdits()
-        request = Request(call, caller, edits)
+        tracer = self.tracer
+        if tracer is None:
+            request = Request(call, caller, edits)
+        else:
+            span = tracer.start_call(RPC_NAMES[RPC.HTTP_REQ_CALL], chain.key, call.headers)
+            request = Request(call, tracer.traced_source(caller, span), edits)
+            tracer.bind(request, span)
         try:
             # Plain hooks run right here: a chain of them is answered without a task.
             awaited = run_plain_steps(chain.request_steps, request, edits)
             if awaited < 0:
                 reply = encode_request_reply(call.id, edits)
         except Exception as exc:
-            caller.reply(self.error_frame(exc, call.id))
+            frame = self.error_frame(exc, call.id)
+            if self._observed:
+                self._observe(RPC.HTTP_REQ_CALL, frame, "", request)
+            caller.reply(frame)
             return
         if awaited < 0:
-            caller.reply(self._frame(RPC.HTTP_REQ_CALL, reply, call.id))
+            frame = self._frame(RPC.HTTP_REQ_CALL, reply, call.id)
+            if self._observed:
+                self._observe(RPC.HTTP_REQ_CALL, frame, _request_outcome(edits), request)
+            caller.reply(frame)
             return
-        caller.reply_later(self._req_call_async(chain, request, edits, awaited))
+        later = self._req_call_async(chain, request, edits, awaited)
+        if self._observed:
+            later = self._observe_later(RPC.HTTP_REQ_CALL, later, edits, request)
+        caller.reply_later(later)
 
     async def _req_call_async(
         self, chain: Chain, request: Request, edits: RequestEdits, start: int
@@ -217,18 +282,34 @@ class Dispatcher:
         except KeyError:
             raise ConfTokenNotFound(call.conf_token) from None
         edits = ResponseEdits()
-        response = Response(call.id, call.status, call.headers, caller, edits)
+        tracer = self.tracer
+        if tracer is None:
+            response = Response(call.id, call.status, call.headers, caller, edits)
+        else:
+            span = tracer.start_call(RPC_NAMES[RPC.HTTP_RESP_CALL], chain.key, call.headers)
+            source = tracer.traced_source(caller, span)
+            response = Response(call.id, call.status, call.headers, source, edits)
+            tracer.bind(response, span)
         try:
             awaited = run_plain_steps(chain.response_steps, response, edits)
             if awaited < 0:
                 reply = encode_response_reply(call.id, edits)
         except Exception as exc:
-            caller.reply(self.error_frame(exc, call.id))
+            frame = self.error_frame(exc, call.id)
+            if self._observed:
+                self._observe(RPC.HTTP_RESP_CALL, frame, "", response)
+            caller.reply(frame)
             return
         if awaited < 0:
-            caller.reply(self._frame(RPC.HTTP_RESP_CALL, reply, call.id))
+            frame = self._frame(RPC.HTTP_RESP_CALL, reply, call.id)
+            if self._observed:
+                self._observe(RPC.HTTP_RESP_CALL, frame, _response_outcome(edits), response)
+            caller.reply(frame)
             return
-        caller.reply_later(self._resp_call_async(chain, response, edits, awaited))
+        later = self._resp_call_async(chain, response, edits, awaited)
+        if self._observed:
+            later = self._observe_later(RPC.HTTP_RESP_CALL, later, edits, response)
+        caller.reply_later(later)
 
     async def _resp_call_async(
         self, chain: Chain, response: Response, edits: ResponseEdits, start: int
@@ -239,6 +320,68 @@ class Dispatcher:
         except Exception as exc:
             return self.error_frame(exc, response.id)
         return self._frame(RPC.HTTP_RESP_CALL, reply, response.id)
+
+    # ------------------------------------------------------------------ observing
+
+    def _observe(self, rpc_type: int, frame: bytes, outcome: str, call: object) -> None:
+        """Count a call answered with ``frame`` and end its span. ``outcome`` is what
+        its edits amount to; an error frame's own outcome wins (the reply may have
+        become one: a reply too large to send)."""
+        if frame[0] == RPC.ERROR:  # the frame's type byte
+            outcome = _FRAME_OUTCOMES.get(frame, "bad_request")
+            failed = True
+        else:
+            failed = False
+        if self.metrics is not None:
+            self.metrics.count_call(RPC_NAMES.get(rpc_type, "unknown"), outcome)
+        if self.tracer is not None and call is not None:
+            self.tracer.end_call(call, outcome, failed)
+
+    async def _observe_later(
+        self,
+        rpc_type: int,
+        reply: Coroutine[Any, Any, bytes],
+        edits: RequestEdits | ResponseEdits,
+        call: object,
+    ) -> bytes:
+        """``reply``, observed when it is done (or cancelled: the call ran past its
+        deadline, which the exchange answered, or the gateway went away)."""
+        try:
+            frame = await reply
+        except asyncio.CancelledError:
+            if self.tracer is not None:
+                self.tracer.end_call(call, "cancelled", True)
+            raise
+        if isinstance(edits, RequestEdits):
+            outcome = _request_outcome(edits)
+        else:
+            outcome = _response_outcome(edits)
+        self._observe(rpc_type, frame, outcome, call)
+        return frame
+
+
+def _request_outcome(edits: RequestEdits) -> str:
+    if edits.stop is not None:
+        return OUTCOME_STOP
+    if (
+        edits.headers
+        or edits.args
+        or edits.path is not None
+        or edits.resp_headers
+        or edits.body is not None
+    ):
+        return OUTCOME_REWRITE
+    return OUTCOME_PASS
+
+
+def _response_outcome(edits: ResponseEdits) -> str:
+    if edits.status or edits.header_log or edits.body is not None:
+        return OUTCOME_REWRITE
+    return OUTCOME_PASS
+
+
+def _stopped(call: object) -> bool:
+    return isinstance(call, Request) and call.stopped
 
 
 def _unexpected(rpc_type: int) -> str:

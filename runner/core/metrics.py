@@ -102,6 +102,8 @@ class Metrics:
         # reason -> frames (or connections) refused before any call.
         self.frames_rejected: dict[str, int] = {}
         self.connections_refused = 0
+        # Calls past their deadline (answered SERVICE_UNAVAILABLE by the exchange).
+        self.call_timeouts = 0
         # Read at snapshot time, set by whoever owns what they count.
         self.open_connections: Callable[[], int] = lambda: 0
         self.confs_held: Callable[[], int] = lambda: 0
@@ -185,6 +187,7 @@ class Metrics:
             "conf_evictions": dict(self.conf_evictions),
             "frames_rejected": dict(self.frames_rejected),
             "connections_refused": self.connections_refused,
+            "call_timeouts": self.call_timeouts,
             "gauges": {
                 "open_connections": self.open_connections(),
                 "confs_held": self.confs_held(),

@@ -73,9 +73,9 @@ class CallTracer:
         # id(call object) -> its span, while the call runs.
         self._spans: dict[int, Span] = {}
 
-    def start_call(
-        self, call: object, rpc: str, route: str, headers: Iterable[tuple[str, str | None]]
-    ) -> Span:
+    def start_call(self, rpc: str, route: str, headers: Iterable[tuple[str, str | None]]) -> Span:
+        """A call's span, child of the ``traceparent`` among ``headers`` if there is
+        one; ``bind`` it to the call object the plugins will be given."""
         carrier = {}
         for name, value in headers:
             lowered = name.lower()
@@ -88,8 +88,10 @@ class CallTracer:
             kind=SpanKind.SERVER,
             attributes={"a6.rpc": rpc, "a6.route": route},
         )
-        self._spans[id(call)] = span
         return span
+
+    def bind(self, call: object, span: Span) -> None:
+        self._spans[id(call)] = span
 
     def end_call(self, call: object, outcome: str, failed: bool = False) -> None:
         span = self._spans.pop(id(call), None)
@@ -134,9 +136,7 @@ class CallTracer:
                     except Exception:
                         span.set_attribute("a6.plugin.outcome", "error")
                         raise
-                    span.set_attribute(
-                        "a6.plugin.outcome", "stop" if stopped(call) else "continue"
-                    )
+                    span.set_attribute("a6.plugin.outcome", "stop" if stopped(call) else "continue")
                     return result
 
             return traced_async

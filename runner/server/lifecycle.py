@@ -52,6 +52,8 @@ def build_dispatcher(
         cache,
         max_frame_size=config.max_frame_size,
         executor=executor,
+        metrics=metrics,
+        tracer=tracer,
     )
 
 

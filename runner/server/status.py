@@ -192,6 +192,12 @@ def counters(total: Snapshot) -> Iterator[Metric]:
         total.get("frames_rejected", {}),
     )
     yield CounterMetricFamily(
+        "a6_runner_call_timeouts",
+        "Calls past call_timeout, answered SERVICE_UNAVAILABLE (not in calls_total: the "
+        "chain never finished).",
+        value=total.get("call_timeouts", 0),
+    )
+    yield CounterMetricFamily(
         "a6_runner_connections_refused",
         "Gateway connections refused at max_connections.",
         value=total.get("connections_refused", 0),
