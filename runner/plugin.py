@@ -29,7 +29,16 @@ import asyncio
 import inspect
 import ipaddress
 from collections.abc import Awaitable, Iterable, Iterator, Mapping
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args, get_origin
+from typing import (
+    Any,
+    ClassVar,
+    Generic,
+    Protocol,
+    TypeVar,
+    get_args,
+    get_origin,
+    overload,
+)
 
 from runner.core.calls import (
     EXCLUDED_RESPONSE_HEADERS,
@@ -606,9 +615,13 @@ class _PluginLog:
     descriptor, so the instance's own attribute wins: later reads cost nothing, and the
     runner sets it with the route when it creates the plugin for one)."""
 
-    def __get__(self, plugin: Plugin[Any] | None, owner: type[Any]) -> PluginLogger:
+    @overload
+    def __get__(self, plugin: None, owner: type[Any]) -> _PluginLog: ...
+    @overload
+    def __get__(self, plugin: Plugin[Any], owner: type[Any]) -> PluginLogger: ...
+    def __get__(self, plugin: Plugin[Any] | None, owner: type[Any]) -> PluginLogger | _PluginLog:
         if plugin is None:
-            raise AttributeError("log is a plugin instance's logger")
+            return self  # on the class: the descriptor, as a property would be
         logger = plugin_logger(type(plugin).name)
         plugin.__dict__["log"] = logger
         return logger
