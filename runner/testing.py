@@ -342,12 +342,8 @@ async def run_response_async(
     gateway = FakeGateway(vars, request_body, body)
     with _Runner(call_timeout) as runner:
         token = runner.dispatcher.cache.put(chain)
-        payload = encode_resp_call(
-            conf_token=token, id=id, status=status, headers=upstream_headers
-        )
-        reply = decode_resp_call_reply(
-            await runner.call(RPC.HTTP_RESP_CALL, payload, gateway)
-        )
+        payload = encode_resp_call(conf_token=token, id=id, status=status, headers=upstream_headers)
+        reply = decode_resp_call_reply(await runner.call(RPC.HTTP_RESP_CALL, payload, gateway))
     return ResponseResult(
         status=reply.status,
         headers=tuple((n, v or "") for n, v in reply.headers),
