@@ -260,10 +260,7 @@ class Dispatcher:
                 self._observe_request(frame, edits, request)
             caller.reply(frame)
             return
-        later = self._req_call_async(chain, request, edits, awaited)
-        if self._observed:
-            later = self._observe_later(RPC.HTTP_REQ_CALL, later, edits, request)
-        caller.reply_later(later)
+        caller.reply_later(self._req_call_async(chain, request, edits, awaited))
 
     async def _req_call_async(
         self, chain: Chain, request: Request, edits: RequestEdits, start: int
@@ -271,9 +268,18 @@ class Dispatcher:
         try:
             await finish_steps(chain.request_steps, request, edits, start, self.executor)
             reply = encode_request_reply(request.id, edits)
+        except asyncio.CancelledError:
+            # Past its deadline (the exchange answered) or the gateway went away.
+            if self.tracer is not None:
+                self.tracer.end_call(request, "cancelled", True)
+            raise
         except Exception as exc:
-            return self.error_frame(exc, request.id)
-        return self._frame(RPC.HTTP_REQ_CALL, reply, request.id)
+            frame = self.error_frame(exc, request.id)
+        else:
+            frame = self._frame(RPC.HTTP_REQ_CALL, reply, request.id)
+        if self._observed:
+            self._observe_request(frame, edits, request)
+        return frame
 
     # ----------------------------------------------------------------- HTTPRespCall
 
@@ -308,10 +314,7 @@ class Dispatcher:
                 self._observe_response(frame, edits, response)
             caller.reply(frame)
             return
-        later = self._resp_call_async(chain, response, edits, awaited)
-        if self._observed:
-            later = self._observe_later(RPC.HTTP_RESP_CALL, later, edits, response)
-        caller.reply_later(later)
+        caller.reply_later(self._resp_call_async(chain, response, edits, awaited))
 
     async def _resp_call_async(
         self, chain: Chain, response: Response, edits: ResponseEdits, start: int
@@ -319,9 +322,17 @@ class Dispatcher:
         try:
             await finish_steps(chain.response_steps, response, edits, start, self.executor)
             reply = encode_response_reply(response.id, edits)
+        except asyncio.CancelledError:
+            if self.tracer is not None:
+                self.tracer.end_call(response, "cancelled", True)
+            raise
         except Exception as exc:
-            return self.error_frame(exc, response.id)
-        return self._frame(RPC.HTTP_RESP_CALL, reply, response.id)
+            frame = self.error_frame(exc, response.id)
+        else:
+            frame = self._frame(RPC.HTTP_RESP_CALL, reply, response.id)
+        if self._observed:
+            self._observe_response(frame, edits, response)
+        return frame
 
     # ------------------------------------------------------------------ observing
 
@@ -338,27 +349,6 @@ class Dispatcher:
             self.metrics.count_call(RPC_NAMES.get(rpc_type, "unknown"), outcome)
         if self.tracer is not None and call is not None:
             self.tracer.end_call(call, outcome, failed)
-
-    async def _observe_later(
-        self,
-        rpc_type: int,
-        reply: Coroutine[Any, Any, bytes],
-        edits: RequestEdits | ResponseEdits,
-        call: object,
-    ) -> bytes:
-        """``reply``, observed when it is done (or cancelled: the call ran past its
-        deadline, which the exchange answered, or the gateway went away)."""
-        try:
-            frame = await reply
-        except asyncio.CancelledError:
-            if self.tracer is not None:
-                self.tracer.end_call(call, "cancelled", True)
-            raise
-        if isinstance(edits, RequestEdits):
-            self._observe_request(frame, edits, call)
-        else:
-            self._observe_response(frame, edits, call)
-        return frame
 
     # The two below are ``_observe`` for the calls' usual paths, with fewer steps.
 

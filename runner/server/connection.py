@@ -14,7 +14,6 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
-from runner.core.metrics import Metrics
 from runner.protocol.connection import Answer, Call, Close, Exchange, Fault
 from runner.protocol.messages import InfoKind
 
@@ -54,6 +53,9 @@ class Connection(asyncio.Protocol):
         self._writing_paused = False
         self._ended_by: str | None = None  # why we ended the connection ourselves
         self._metrics = server.metrics
+        # With metrics: the kind of each ExtraInfo query still unanswered, by waiter,
+        # so that its answer's bytes are counted under it (emptied as each call ends).
+        self._asked: dict[_Waiter, InfoKind] = {}
 
     # --------------------------------------------------------------- asyncio events
 
@@ -81,6 +83,8 @@ class Connection(asyncio.Protocol):
         else:
             answer = exchange.whole_answer(data)
             if answer is not None:
+                if self._metrics is not None:
+                    self._count_answer(answer[0], answer[1])
                 answer[0].set_result(answer[1])
                 return
         exchange.receive_data(data, self._loop.time())
@@ -134,6 +138,8 @@ class Connection(asyncio.Protocol):
             elif isinstance(event, Answer):
                 waiter = event.waiter
                 if event.error is None:
+                    if self._metrics is not None:
+                        self._count_answer(waiter, event.value)
                     waiter.set_result(event.value)
                 else:
                     waiter.set_exception(event.error)
@@ -187,14 +193,21 @@ class Connection(asyncio.Protocol):
             return waiter
         transport.write(self._exchange.ask(waiter, kind, name))
         if self._metrics is not None:
-            waiter.add_done_callback(_ExtraInfoCount(self._metrics, kind))
+            self._asked[waiter] = kind
         return waiter
+
+    def _count_answer(self, waiter: _Waiter, value: bytes | None) -> None:
+        kind = self._asked.pop(waiter, None)
+        if kind is not None and self._metrics is not None:
+            self._metrics.count_extra_info(kind, value)
 
     async def _finish(self, call: int, reply: Coroutine[Any, Any, bytes]) -> None:
         try:
             frame = await reply
         except asyncio.CancelledError:
             return  # past its deadline (the timeout error was sent), or the connection is gone
+        if self._asked:
+            self._asked.clear()  # queries given up on: their answers count for nothing
         out = self._exchange.call_done(call, frame)
         if out is None:
             return  # the call was past its deadline: its reply has been sent already
@@ -310,17 +323,3 @@ class Connection(asyncio.Protocol):
         """The shutdown grace is over: drop the connection and the call running on it.
         (The server has said so in the log: this is not the gateway going away.)"""
         self._end("the end of the shutdown grace", abort=True)
-
-
-class _ExtraInfoCount:
-    """Counts one ExtraInfo round trip once its answer is in (not one given up on)."""
-
-    __slots__ = ("kind", "metrics")
-
-    def __init__(self, metrics: Metrics, kind: InfoKind) -> None:
-        self.metrics = metrics
-        self.kind = kind
-
-    def __call__(self, waiter: _Waiter) -> None:
-        if not waiter.cancelled() and waiter.exception() is None:
-            self.metrics.count_extra_info(self.kind, waiter.result())
