@@ -14,6 +14,7 @@ without ``--tracing`` loads none of it and its call path does not change.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -156,11 +157,21 @@ class CallTracer:
         return traced
 
     def flush(self) -> None:
-        """Send what is queued, waiting at most ``FLUSH_MILLIS``."""
-        try:
-            self.provider.force_flush(FLUSH_MILLIS)
-        except Exception as exc:
-            log.warning("could not flush the last spans: %s", exc)
+        """Send what is queued and stop the exporter, waiting at most ``FLUSH_MILLIS``:
+        an unreachable collector must not hold the exit (the gateway SIGKILLs us)."""
+
+        def stop() -> None:
+            # Both wait for exports in progress, retries included, whatever timeout
+            # they are given: hence a daemon thread, left behind if it takes too long.
+            try:
+                self.provider.force_flush(FLUSH_MILLIS)
+                self.provider.shutdown()
+            except Exception as exc:
+                log.warning("could not send the last spans: %s", exc)
+
+        stopper = threading.Thread(target=stop, name="a6-otel-stop", daemon=True)
+        stopper.start()
+        stopper.join(FLUSH_MILLIS / 1000)
 
 
 class _TracedSource:

@@ -240,6 +240,14 @@ def run(config: Config) -> int:
     for worker in workers:
         worker.join(max(0.0, deadline - time.monotonic()))
     stuck = [t for t in workers if t.is_alive()]
+    if tracer is not None and any(
+        t.is_alive() and not t.daemon and t is not threading.main_thread()
+        for t in threading.enumerate()
+    ):
+        # The span exporter's thread, still retrying an unreachable collector:
+        # interpreter exit would wait for it, past the gateway's SIGKILL.
+        logging.shutdown()
+        os._exit(0)
     if stuck:
         # Interpreter exit would join these threads and wait for a hung plugin forever;
         # the gateway would then SIGKILL us mid-cleanup. Leave now, cleanly otherwise.
