@@ -60,9 +60,11 @@ FAST_FAILURE = 1.0
 MAX_RESTART_DELAY = 5.0
 
 # After the grace, workers abort their last connections and exit at once; this is how
-# long the supervisor waits for that before killing them (the gateway kills us 1 s after
-# its SIGTERM, with the default grace of 0.5 s).
-EXIT_MARGIN = 0.3
+# long the supervisor waits for that before killing them. The gateway kills us 1 s after
+# its SIGTERM: with the default grace of 0.7 s this ends at 0.95 s, and the socket file
+# was removed first, so even a SIGKILL just then leaves nothing a new runner trips on (an
+# orphaned conf store is swept at the next start; workers exit when our pipe closes).
+EXIT_MARGIN = 0.25
 
 
 @dataclass
