@@ -38,9 +38,12 @@ REWRITE = {
     "set_args": {"v": "2"},
     "response_headers": {"x-served-by": "a6-runner"},
 }
+# A Stop with a body and one header: what a typical "answer it here" plugin sends.
+STOP_ONE_HEADER = json.dumps({"headers": {"content-type": "text/plain"}})
 CASES: dict[str, tuple[list[tuple[str, str]], bytes]] = {
     "empty": ([], b""),
     "stop": ([("say", "{}")], b""),
+    "stop1h": ([("say", STOP_ONE_HEADER)], b""),
     "rewrite": ([("rewrite", json.dumps(REWRITE))], b""),
     "var": ([("request-info", "{}")], b"127.0.0.1"),
     "body64k": (

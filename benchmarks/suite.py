@@ -1,10 +1,11 @@
 """The benchmark suite: the runner's CPU time per call, side by side with the transport floor.
 
-One run measures five servers, each at 1, 16 and 64 connections, driven by the same load
+One run measures six servers, each at 1, 16 and 64 connections, driven by the same load
 generator (``runner.tools.bench``, the engine of ``a6-runner bench``):
 
   floor     benchmarks/floor_server.py: canned replies over a uvloop Unix socket
   stop      a6-runner, plugin ``say`` (a Stop)
+  stop1h    a6-runner, plugin ``say`` (a Stop with a body and one header)
   rewrite   a6-runner, plugin ``rewrite`` (path, header, arg and response header)
   var       a6-runner, plugin ``request-info``: one ExtraInfo variable per call
   body64k   a6-runner, plugin ``request-info``: a 64 KiB request body read via ExtraInfo
@@ -61,6 +62,7 @@ class Case:
 CASES = (
     Case("floor", (), floor=True),
     Case("stop", (("say", "{}"),)),
+    Case("stop1h", (("say", json.dumps({"headers": {"content-type": "text/plain"}})),)),
     Case("rewrite", (("rewrite", json.dumps(REWRITE_CONF)),)),
     Case("var", (("request-info", "{}"),)),
     Case(

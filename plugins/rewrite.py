@@ -42,4 +42,4 @@ class Rewrite(Plugin[RewriteConfig]):
         for name in cfg.delete_args:
             request.args.delete(name)
         for name, value in cfg.response_headers.items():
-            request.set_response_header(name, value)
+            request.response_headers.set(name, value)

@@ -18,6 +18,9 @@ on a :class:`Response` describing the upstream's answer.
 Both hooks may be plain functions or ``async def``. A plain hook runs on the event loop
 and must not block; set ``blocking = True`` on the class to run plain hooks in a worker
 thread instead. Only ``async`` hooks can ``await`` the gateway for a variable or a body.
+
+Nothing here speaks the wire protocol: the views record each change in the runner's
+edits record for the call (``runner.core.calls``), which the runner encodes.
 """
 
 from __future__ import annotations
@@ -26,19 +29,17 @@ import asyncio
 import inspect
 import ipaddress
 from collections.abc import Awaitable, Iterable, Iterator, Mapping
-from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, get_args, get_origin
 
-from runner.core.configschema import ConfigError, load_config
-from runner.core.errors import PluginConfigError
-from runner.protocol.messages import (
-    Entry,
-    InfoKind,
-    Rewrite,
-    Stop,
-    encode_pass_through_reply,
-    encode_req_call_reply,
-    encode_rewrite_reply,
+from runner.core.calls import (
+    EXCLUDED_RESPONSE_HEADERS,
+    CallEdits,
+    ChangeLog,
+    RequestEdits,
+    ResponseEdits,
 )
+from runner.core.configschema import ConfigError
+from runner.protocol.messages import Entry, InfoKind, Stop
 
 __all__ = [
     "Args",
@@ -52,26 +53,7 @@ __all__ = [
 ]
 
 ConfigT = TypeVar("ConfigT")
-
-# The gateway drops these names from a Rewrite's resp_headers without a word
-# (apisix/plugins/ext-plugin/init.lua, exclude_resp_header), so we refuse them loudly.
-EXCLUDED_RESPONSE_HEADERS = frozenset(
-    {
-        "connection",
-        "content-length",
-        "transfer-encoding",
-        "location",
-        "server",
-        "www-authenticate",
-        "content-encoding",
-        "content-type",
-        "content-location",
-        "content-language",
-    }
-)
-
-# Hop-by-hop headers of the upstream's response: never copied onto the client's response.
-_FRAMING_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding"})
+EditsT = TypeVar("EditsT", bound=CallEdits)
 
 
 class InfoSource(Protocol):
@@ -119,13 +101,15 @@ def _as_bytes(data: bytes | str) -> bytes:
 class _MultiDict:
     """Ordered multi-valued entries with change tracking; the base of headers and args."""
 
-    __slots__ = ("_changed", "_entries", "_pending", "_source")
+    __slots__ = ("_entries", "_log", "_pending", "_source")
     _fold: ClassVar[bool]  # names are case-insensitive (compared lower-cased)
 
-    def __init__(self, source: Iterable[Entry] | None = None) -> None:
+    def __init__(self, source: Iterable[Entry] | None = None, log: ChangeLog | None = None) -> None:
         self._source = source  # shared with the decoded message until the first change
         self._entries: list[Entry] | None = None
-        self._changed: dict[str, str] = {}  # key -> the name as the plugin spelled it
+        # Each changed name and its values now, in the call's edits record: what the
+        # runner sends the gateway, without reading the entries again.
+        self._log: ChangeLog = {} if log is None else log
         # Replacements made before anything was read: key -> (name, values). Setting a
         # header should not cost decoding all of them; the source is decoded and the
         # replacements applied (in order) only when a plugin reads the entries.
@@ -184,8 +168,11 @@ class _MultiDict:
         raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
-        """Each distinct name once, in order of first appearance."""
-        return iter(dict.fromkeys(n for n, _ in self._items()))
+        """Each distinct name once (as first spelled), in order of first appearance."""
+        first: dict[str, str] = {}
+        for n, _ in self._items():
+            first.setdefault(self._key(n), n)
+        return iter(first.values())
 
     def __len__(self) -> int:
         return len({self._key(n) for n, _ in self._items()})
@@ -197,26 +184,32 @@ class _MultiDict:
     def _replace(self, name: str, values: list[str | None]) -> None:
         """Give ``name`` these values (the list is kept: pass a fresh one)."""
         key = name.lower() if self._fold else name  # _key, inlined: once per change
+        change = (name, values)  # immutable, so the pending change and the log share it
         if self._entries is None:
             pending = self._pending
             if pending is None:
-                self._pending = {key: (name, values)}
+                self._pending = {key: change}
             else:
                 pending.pop(key, None)  # a replaced name moves to the end, as below
-                pending[key] = (name, values)
+                pending[key] = change
         else:
             entries = [e for e in self._entries if self._key(e[0]) != key]
             entries.extend((name, v) for v in values)
             self._entries = entries
-        self._changed[key] = name
+        self._log[key] = change
 
     def _append(self, name: str, value: str | None) -> None:
-        self._mutable().append((name, value))
-        self._changed[self._key(name)] = name
+        entries = self._mutable()
+        key = self._key(name)
+        logged = self._log.get(key)
+        before = logged[1] if logged is not None else self.getall(name)
+        entries.append((name, value))
+        self._log[key] = (name, [*before, value])
 
     @property
     def changed(self) -> bool:
-        return bool(self._changed)
+        """True once a plugin changed any entry (even back to what it was)."""
+        return bool(self._log)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.items()!r})"
@@ -245,31 +238,48 @@ class Headers(_MultiDict):
         if name in self:
             self._replace(name, [])
 
-    def rewrite_entries(self) -> list[Entry]:
-        """What the gateway needs to apply our changes: one entry per changed name."""
-        pending = self._pending
-        if pending is not None:  # every change is a replacement: no need to decode
-            # A loop, not a comprehension: on Python 3.11 that is one more function call.
-            changes: list[Entry] = []
-            for key, name in self._changed.items():
-                values = pending[key][1]
-                changes.append((name, values[-1] if values else None))
-            return changes
-        out: list[Entry] = []
-        for key, name in self._changed.items():
-            values = [v for n, v in self._items() if n.lower() == key]
-            out.append((name, values[-1] if values else None))
-        return out
-
 
 class ResponseHeaders(Headers):
-    """Headers of a response: like :class:`Headers`, and a name may have several values."""
+    """Headers of a response: like :class:`Headers`, and a name may have several values.
 
-    __slots__ = ()
+    Both ``response.headers`` (post-response phase) and ``request.response_headers``
+    (headers to add to the response the client will get) are of this type. The latter
+    refuses ``connection``, ``content-length``, ``transfer-encoding``, ``location``,
+    ``server``, ``www-authenticate`` and ``content-*`` with ValueError: the gateway
+    silently ignores them there.
+    """
+
+    __slots__ = ("_refused",)
+
+    def __init__(
+        self,
+        source: Iterable[Entry] | None = None,
+        log: ChangeLog | None = None,
+        refused: frozenset[str] = frozenset(),
+    ) -> None:
+        # _MultiDict.__init__, inlined: a request that sets a response header makes one.
+        self._source = source
+        self._entries = None
+        self._log = {} if log is None else log
+        self._pending = None
+        self._refused = refused
+
+    def set(self, name: str, value: str) -> None:
+        """Give header ``name`` exactly this value, replacing all it had."""
+        _check_text("header name", name)  # _check_name, inlined: the usual change
+        if self._refused and name.lower() in self._refused:
+            raise ValueError(f"the gateway ignores response header {name!r} in a rewrite")
+        self._replace(name, [_check_text("header value", value)])
 
     def add(self, name: str, value: str) -> None:
         """Add one more value for ``name``, keeping the ones it has."""
-        self._append(_check_text("header name", name), _check_text("header value", value))
+        self._append(self._check_name(name), _check_text("header value", value))
+
+    def _check_name(self, name: str) -> str:
+        _check_text("header name", name)
+        if self._refused and name.lower() in self._refused:
+            raise ValueError(f"the gateway ignores response header {name!r} in a rewrite")
+        return name
 
 
 class Args(_MultiDict):
@@ -299,38 +309,24 @@ class Args(_MultiDict):
         if name in self:
             self._replace(name, [])
 
-    def rewrite_entries(self) -> list[Entry]:
-        """The gateway's merge rule: the first entry of a name replaces its values,
-        further entries append, an entry without value deletes. A ``?flag`` that must
-        be re-sent alongside new values can only be sent as ``flag=``."""
-        out: list[Entry] = []
-        pending = self._pending
-        for name in self._changed:
-            # Without reads, every change is a pending replacement: no need to decode.
-            values = pending[name][1] if pending is not None else self.getall(name)
-            if values:
-                out.extend((name, "" if v is None else v) for v in values)
-            else:
-                out.append((name, None))
-        return out
 
-
-class _Call:
+class _Call(Generic[EditsT]):
     """What a request and a response share: the call id and the gateway's variables."""
 
-    __slots__ = ("_body", "_loop", "_source", "_vars")
+    __slots__ = ("_answers", "_edits", "_source")
 
-    def __init__(self, source: InfoSource) -> None:
+    def __init__(self, source: InfoSource, edits: EditsT) -> None:
         self._source = source
-        self._vars: dict[str, bytes | None] = {}
-        self._body: dict[InfoKind, bytes | None] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._edits = edits
+        # The gateway's answers, asked once per call: variables by name (a str), bodies
+        # by kind (an InfoKind, an int: never equal to a name). One dict per call.
+        self._answers: dict[str | InfoKind, bytes | None] = {}
 
     async def var_bytes(self, name: str) -> bytes | None:
         """Like :meth:`var`, without decoding."""
         # A membership test, not try/except KeyError: the first ask of every call would
         # raise, and the gateway would be awaited with that exception as context.
-        known = self._vars
+        known = self._answers
         if name in known:
             return known[name]
         value = known[name] = await self._source.ask(InfoKind.VAR, name)
@@ -343,7 +339,7 @@ class _Call:
         it exists and is empty. Examples: ``remote_addr``, ``server_port``,
         ``request_time``, ``http_user_agent``, ``arg_name``, ``cookie_name``.
         """
-        known = self._vars  # var_bytes, inlined: one coroutine less per variable
+        known = self._answers  # var_bytes, inlined: one coroutine less per variable
         if name in known:
             raw = known[name]
         else:
@@ -351,7 +347,7 @@ class _Call:
         return None if raw is None else raw.decode("utf-8", "surrogateescape")
 
     async def _fetch_body(self, kind: InfoKind) -> bytes | None:
-        known = self._body
+        known = self._answers
         if kind in known:
             return known[kind]
         value = known[kind] = await self._source.ask(kind)
@@ -364,7 +360,8 @@ class _Call:
         Raises RuntimeError outside a blocking hook, and once the call is over (a
         thread still running past the call deadline can no longer ask the gateway).
         """
-        loop = self._loop
+        edits = self._edits
+        loop = edits.loop
         if loop is None:
             _discard(awaitable)
             raise RuntimeError(
@@ -372,7 +369,7 @@ class _Call:
             )
 
         async def wrapper() -> Any:
-            if self._loop is None:  # the call ended while this was on its way
+            if edits.loop is None:  # the call ended while this was on its way
                 _discard(awaitable)
                 raise RuntimeError("the call is over: the gateway can no longer be asked")
             return await awaitable
@@ -387,46 +384,37 @@ class _Call:
         return future.result(timeout)
 
 
-class Request(_Call):
+class Request(_Call[RequestEdits]):
     """One request, as the gateway describes it, and the changes plugins make to it.
 
     Reading: ``id``, ``method``, ``path``, ``src_ip``, ``headers``, ``args`` and, by asking
     the gateway, ``await var(name)`` and ``await body()``. Changing: :meth:`stop`, or
     any of :meth:`set_path`, ``headers.set/delete``, ``args.set/add/delete``,
-    :meth:`set_body`, :meth:`set_response_header`; these read back at once.
+    :meth:`set_body`, ``response_headers.set/add``; these read back at once.
+
+    The runner creates it; plugins receive it.
     """
 
-    __slots__ = (
-        "_args",
-        "_headers",
-        "_new_body",
-        "_path",
-        "_raw",
-        "_resp_headers",
-        "_src_ip",
-        "_stop",
-        "id",
-    )
+    __slots__ = ("_args", "_headers", "_raw", "_resp_headers", "_src_ip", "id")
 
-    def __init__(self, raw: RawRequest, source: InfoSource) -> None:
-        _Call.__init__(self, source)
+    def __init__(self, raw: RawRequest, source: InfoSource, edits: RequestEdits) -> None:
+        _Call.__init__(self, source, edits)
         self._raw = raw
         self.id: int = raw.id
-        self._path: str | None = None
-        self._new_body: bytes | None = None
-        self._stop: Stop | None = None
-        self._resp_headers: list[tuple[str, str]] = []
         self._src_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | bool | None = False
-        # Made on first use: most plugins of a route never touch both.
+        # Made on first use: most plugins of a route never touch them.
         self._headers: Headers | None = None
         self._args: Args | None = None
+        self._resp_headers: ResponseHeaders | None = None
 
     @property
     def headers(self) -> Headers:
         """The request headers; ``set``/``delete`` send changes to the gateway."""
         headers = self._headers
         if headers is None:
-            headers = self._headers = Headers(_LazyEntries(self._raw, "headers"))
+            log: ChangeLog = {}
+            self._edits.headers = log
+            headers = self._headers = Headers(_LazyEntries(self._raw, "headers"), log)
         return headers
 
     @property
@@ -434,8 +422,25 @@ class Request(_Call):
         """The query args; ``set``/``add``/``delete`` send changes to the gateway."""
         args = self._args
         if args is None:
-            args = self._args = Args(_LazyEntries(self._raw, "args"))
+            log: ChangeLog = {}
+            self._edits.args = log
+            args = self._args = Args(_LazyEntries(self._raw, "args"), log)
         return args
+
+    @property
+    def response_headers(self) -> ResponseHeaders:
+        """Headers to set on the response the client eventually gets (replacing the
+        upstream's values of those names): ``set`` replaces, ``add`` keeps the values
+        set before. Starts empty: the upstream's response is not known yet.
+        ``connection``, ``content-length``, ``transfer-encoding``, ``location``,
+        ``server``, ``www-authenticate`` and ``content-*`` raise ValueError (the gateway
+        ignores them here)."""
+        table = self._resp_headers
+        if table is None:
+            log: ChangeLog = {}
+            self._edits.resp_headers = log
+            table = self._resp_headers = ResponseHeaders(None, log, EXCLUDED_RESPONSE_HEADERS)
+        return table
 
     @property
     def method(self) -> str:
@@ -445,7 +450,8 @@ class Request(_Call):
     @property
     def path(self) -> str:
         """The path without the query; reflects :meth:`set_path` by an earlier plugin."""
-        return self._path if self._path is not None else self._raw.path
+        path = self._edits.path
+        return path if path is not None else self._raw.path
 
     @property
     def src_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -479,12 +485,12 @@ class Request(_Call):
             checked = tuple(
                 (_check_text("header name", n), _check_text("header value", v)) for n, v in pairs
             )
-        self._stop = Stop(status, checked, _as_bytes(body))
+        self._edits.stop = Stop(status, checked, _as_bytes(body))
 
     @property
     def stopped(self) -> bool:
         """True once a plugin has called :meth:`stop`."""
-        return self._stop is not None
+        return self._edits.stop is not None
 
     def set_path(self, path: str) -> None:
         """Send the request upstream to this path (percent-encoded by the gateway).
@@ -496,7 +502,7 @@ class Request(_Call):
             raise ValueError("path must not contain '?': the gateway would encode it; use args")
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/': {path!r}")
-        self._path = path
+        self._edits.path = path
 
     def set_body(self, body: bytes | str) -> None:
         """Replace the request body sent upstream. It must not be empty: the gateway
@@ -504,68 +510,8 @@ class Request(_Call):
         data = _as_bytes(body)
         if not data:
             raise ValueError("the gateway cannot set an empty request body")
-        self._body[InfoKind.REQ_BODY] = data
-        self._new_body = data
-
-    def set_response_header(self, name: str, value: str) -> None:
-        """Set a header on the response the client will eventually get (replacing the
-        upstream's). Hop-by-hop, ``content-*`` and a few other names are refused."""
-        self._resp_header(name, value, replace=True)
-
-    def add_response_header(self, name: str, value: str) -> None:
-        """Like :meth:`set_response_header`, keeping values set before."""
-        self._resp_header(name, value, replace=False)
-
-    def _resp_header(self, name: str, value: str, replace: bool) -> None:
-        _check_text("header name", name)
-        _check_text("header value", value)
-        if name.lower() in EXCLUDED_RESPONSE_HEADERS:
-            raise ValueError(f"the gateway ignores response header {name!r} in a rewrite")
-        if replace:
-            key = name.lower()
-            self._resp_headers = [e for e in self._resp_headers if e[0].lower() != key]
-        self._resp_headers.append((name, value))
-
-    def encode_reply(self) -> bytes:
-        """The HTTPReqCall reply payload for :meth:`action`, encoded without making it
-        (the runner's hot path; the tests hold the two to the same bytes)."""
-        if self._stop is not None:
-            return encode_req_call_reply(self.id, self._stop)
-        changes = self._changes()
-        if changes is None:
-            return encode_pass_through_reply(self.id)
-        return encode_rewrite_reply(self.id, *changes)
-
-    def action(self) -> Stop | Rewrite | None:
-        """What to send back: the Stop, the accumulated Rewrite, or None if unchanged."""
-        if self._stop is not None:
-            return self._stop
-        changes = self._changes()
-        if changes is None:
-            return None
-        path, headers, args, resp_headers, body = changes
-        return Rewrite(path, headers, args, tuple(resp_headers), body)
-
-    def _changes(
-        self,
-    ) -> tuple[str | None, list[Entry], list[Entry], list[tuple[str, str]], bytes | None] | None:
-        """The rewrite so far: path, header and arg changes, response headers, body;
-        None if nothing changed."""
-        headers = self._headers
-        args = self._args
-        changed_headers = (
-            headers.rewrite_entries() if headers is not None and headers._changed else []
-        )
-        changed_args = args.rewrite_entries() if args is not None and args._changed else []
-        if (
-            changed_headers
-            or changed_args
-            or self._path is not None
-            or self._resp_headers
-            or self._new_body is not None
-        ):
-            return self._path, changed_headers, changed_args, self._resp_headers, self._new_body
-        return None
+        self._answers[InfoKind.REQ_BODY] = data
+        self._edits.body = data
 
 
 class _LazyEntries:
@@ -585,7 +531,7 @@ class _LazyEntries:
         return len(getattr(self._raw, self._attr))
 
 
-class Response(_Call):
+class Response(_Call[ResponseEdits]):
     """The upstream's response in the post-response phase, and the changes to make.
 
     Reading: ``id``, ``status``, ``headers``, and by asking the gateway ``await body()``,
@@ -601,20 +547,27 @@ class Response(_Call):
     ``content-*``, ``location``, ``server``, ``www-authenticate`` and hop-by-hop ones.
     """
 
-    __slots__ = ("_new_body", "_new_status", "_status", "headers", "id")
+    __slots__ = ("_status", "headers", "id")
 
-    def __init__(self, call_id: int, status: int, headers: list[Entry], source: InfoSource) -> None:
-        super().__init__(source)
+    def __init__(
+        self,
+        call_id: int,
+        status: int,
+        headers: list[Entry],
+        source: InfoSource,
+        edits: ResponseEdits,
+    ) -> None:
+        super().__init__(source, edits)
         self.id = call_id
         self._status = status
-        self._new_status = 0
-        self._new_body: bytes | None = None
-        self.headers = ResponseHeaders(headers)
+        log: ChangeLog = {}
+        self.headers = edits.headers = ResponseHeaders(headers, log)
+        edits.header_log = log
 
     @property
     def status(self) -> int:
         """The status the client will get (the upstream's unless changed)."""
-        return self._new_status or self._status
+        return self._edits.status or self._status
 
     @property
     def upstream_status(self) -> int:
@@ -623,8 +576,9 @@ class Response(_Call):
 
     async def body(self) -> bytes | None:
         """The upstream's response body, asked of the gateway once per call."""
-        if self._new_body is not None:
-            return self._new_body
+        new_body = self._edits.body
+        if new_body is not None:
+            return new_body
         return await self._fetch_body(InfoKind.RESP_BODY)
 
     async def request_body(self) -> bytes | None:
@@ -635,7 +589,7 @@ class Response(_Call):
         """Give the client this status instead of the upstream's."""
         if not 100 <= status <= 999:
             raise ValueError(f"status must be an HTTP status code (100-999), got {status}")
-        self._new_status = status
+        self._edits.status = status
 
     def set_body(self, body: bytes | str) -> None:
         """Replace the response body. It must not be empty: the gateway reads an empty
@@ -643,26 +597,7 @@ class Response(_Call):
         data = _as_bytes(body)
         if not data:
             raise ValueError("the gateway cannot send an empty replacement body")
-        self._new_body = data
-
-    def reply(self) -> tuple[int, list[tuple[str, str]], bytes | None]:
-        """``(status or 0, headers or [], body or None)`` as HTTPRespCall.Resp wants them.
-
-        The gateway sets every header of a non-empty list on the client's response, so
-        the framing headers of the upstream's response are left out: nginx frames the
-        response itself, and a stale ``content-length`` would cut a replaced body.
-        """
-        headers: list[tuple[str, str]] = []
-        if self.headers.changed:
-            body_replaced = self._new_body is not None
-            headers = [
-                (n, v)
-                for n, v in self.headers.items()
-                if v is not None
-                and n.lower() not in _FRAMING_HEADERS
-                and not (body_replaced and n.lower() == "content-length")
-            ]
-        return self._new_status, headers, self._new_body
+        self._edits.body = data
 
 
 class Plugin(Generic[ConfigT]):
@@ -694,17 +629,6 @@ class Plugin(Generic[ConfigT]):
     def __init__(self, config: ConfigT) -> None:
         self.config = config
 
-    @classmethod
-    def from_json(cls, raw: str) -> Self:
-        """Check a route's JSON config and create the plugin instance for that route."""
-        try:
-            config = load_config(cls.config_type, raw)
-            return cls(config)
-        except ConfigError as exc:
-            raise PluginConfigError(cls.name, str(exc)) from None
-        except (ValueError, TypeError) as exc:
-            raise PluginConfigError(cls.name, str(exc) or type(exc).__name__) from exc
-
     def on_request(self, request: Request) -> Awaitable[None] | None:
         """Called for each request of a route that lists this plugin (pre-req phase)."""
         return None
@@ -712,21 +636,3 @@ class Plugin(Generic[ConfigT]):
     def on_response(self, response: Response) -> Awaitable[None] | None:
         """Called in the post-response phase, with the upstream's response."""
         return None
-
-    @classmethod
-    def handles_requests(cls) -> bool:
-        return cls.on_request is not Plugin.on_request
-
-    @classmethod
-    def handles_responses(cls) -> bool:
-        return cls.on_response is not Plugin.on_response
-
-    @classmethod
-    def runs_inline(cls, hook: str) -> bool:
-        """True if the hook is plain and not blocking: it runs without a task."""
-        return not cls.blocking and not inspect.iscoroutinefunction(getattr(cls, hook))
-
-    @classmethod
-    def summary(cls) -> str:
-        doc = inspect.getdoc(cls) or ""
-        return doc.splitlines()[0] if doc else ""

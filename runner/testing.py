@@ -11,12 +11,16 @@ gateway would receive::
         result = run_request(plugin, headers={"accept": "*/*"})
         assert result.stop.status == 401
 
-The request goes through the runner's own code: the fake call is encoded as the
-gateway encodes it and decoded by the runner's decoder, the plugins run in the chain
-code the server uses (inline, async or in a thread for ``blocking`` plugins, under the
-call deadline), and the reply is encoded by the runner and decoded as the gateway
-decodes it. Only the gateway itself is fake: it answers ``var()`` from ``vars`` and
-``body()`` from ``body``, and records what it was asked in ``result.asked``.
+The call goes through the runner's production path: the fake call is encoded as the
+gateway encodes it and handed to the runner's own dispatcher, built as the server
+builds it; the plugins run in the chain code the server uses (inline, awaited, or in
+the runner's thread pool for ``blocking`` plugins, under the call deadline), and the
+reply frame is decoded as the gateway decodes it. Only the gateway itself is fake: it
+answers ``var()`` from ``vars`` and ``body()`` from ``body``, and records what it was
+asked in ``result.asked``.
+
+Results are the runner's message model: ``result.stop`` is a :class:`Stop`,
+``result.rewrite`` a :class:`Rewrite` (frozen dataclasses; their sequences are tuples).
 
 ``run_request`` and ``run_response`` run their own event loop; from an ``async def``
 test, ``await run_request_async(...)`` / ``run_response_async(...)`` instead.
@@ -28,7 +32,7 @@ import asyncio
 import ipaddress
 import json
 import os
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
@@ -36,30 +40,26 @@ from urllib.parse import unquote_plus
 
 import uvloop
 
-from runner.core.chain import (
-    Chain,
-    PluginFailed,
-    run_request_inline,
-    run_response_inline,
-)
-from runner.core.chain import (
-    run_request as run_request_chain,
-)
-from runner.core.chain import (
-    run_response as run_response_chain,
-)
+from runner.core.calls import EXCLUDED_RESPONSE_HEADERS
+from runner.core.chain import Chain, PluginFailed, create_plugin
 from runner.core.config import Config
+from runner.core.dispatch import Dispatcher
 from runner.core.errors import CallTimeout, PluginConfigError
-from runner.plugin import EXCLUDED_RESPONSE_HEADERS, Plugin, Request, Response
+from runner.core.registry import PluginRegistry
+from runner.plugin import InfoSource, Plugin, Request
+from runner.protocol.connection import Exchange
+from runner.protocol.frame import RPC
 from runner.protocol.messages import (
     METHOD_CODES,
-    HTTPReqCall,
-    HTTPRespCall,
     InfoKind,
-    encode_req_call_reply,
-    encode_resp_call_reply,
+    Rewrite,
+    Stop,
+    decode_req_call_reply,
+    decode_resp_call_reply,
+    encode_req_call,
+    encode_resp_call,
 )
-from runner.tools import refcodec
+from runner.server.lifecycle import build_dispatcher
 
 __all__ = [
     "CallTimeout",
@@ -67,8 +67,8 @@ __all__ = [
     "PluginConfigError",
     "RequestResult",
     "ResponseResult",
-    "RewriteAction",
-    "StopAction",
+    "Rewrite",
+    "Stop",
     "load_plugin",
     "prepare",
     "run_request",
@@ -93,68 +93,50 @@ DEFAULT_CALL_TIMEOUT = Config().call_timeout
 def prepare(plugin: type[P], config: Any = None) -> P:
     """Create ``plugin`` for one route, its config checked exactly as at PrepareConf.
 
-    ``config`` is the route's config: a dict (or any JSON value), JSON text as the
-    gateway sends it, or None for no config. A config the plugin rejects raises
-    :class:`PluginConfigError`, whose message names the plugin and the field::
+    ``config`` is the route's config: a dict (or any JSON value), JSON text exactly as
+    the gateway sends it (``""`` is refused by a plugin that declares a config), or
+    None for the plugin's defaults (``{}``; nothing for a plugin without config). A
+    config the plugin rejects raises :class:`PluginConfigError`, whose message names
+    the plugin and the field::
 
         with pytest.raises(PluginConfigError, match="field 'keys'"):
             prepare(ApiKey, {"keys": []})
     """
-    raw = config if isinstance(config, str) else "" if config is None else json.dumps(config)
-    return plugin.from_json(raw)
+    if isinstance(config, str):
+        raw = config  # as the gateway sends it: "" is refused by a plugin with a config
+    elif config is None:
+        # No config given: a plugin that declares one gets its defaults ("{}").
+        no_config = plugin.config_type is None or plugin.config_type is type(None)
+        raw = "" if no_config else "{}"
+    else:
+        raw = json.dumps(config)
+    created = create_plugin(plugin, raw)
+    assert isinstance(created, plugin)
+    return created
 
 
 # ------------------------------------------------------------------ what comes back
 
 
 @dataclass(frozen=True, slots=True)
-class StopAction:
-    """The gateway answers the client itself with this response; no later plugin ran."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes  # b"" means "no body"
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (any case), or None."""
-        key = name.lower()
-        return next((v for n, v in self.headers if n.lower() == key), None)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode()
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass(frozen=True, slots=True)
-class RewriteAction:
-    """The changes the gateway makes to the request before proxying it.
-
-    Exactly the entries sent: a header or arg with value None is deleted, args are
-    merged into the request's (a repeated name gives several values), ``path`` and
-    ``body`` are None when unchanged. ``resp_headers`` go on the client's response.
-    """
-
-    path: str | None
-    headers: list[tuple[str, str | None]]
-    args: list[tuple[str, str | None]]
-    resp_headers: list[tuple[str, str]]
-    body: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
 class RequestResult:
     """The outcome of the request phase, as the gateway receives it."""
 
-    action: StopAction | RewriteAction | None
+    action: Stop | Rewrite | None
     """None: the request passes through unchanged."""
     asked: list[Asked]
     """What the plugins asked the gateway for, in order: ``("var", name)``,
     ``("req_body", None)``. Each is asked at most once per call."""
-    request: Request = field(repr=False)
-    """The request as a next plugin would see it (changes applied)."""
+    next_request: Request | None = field(repr=False)
+    """The request as a next plugin would see it (changes applied); None if stopped."""
+
+    @property
+    def request(self) -> Request:
+        """The request as a next plugin of the route would see it, changes applied;
+        fails the test if the request was stopped (no next plugin runs)."""
+        if self.next_request is None:
+            raise AssertionError(f"no next plugin sees the request: {self._what()}")
+        return self.next_request
 
     @property
     def passed(self) -> bool:
@@ -162,23 +144,23 @@ class RequestResult:
         return self.action is None
 
     @property
-    def stop(self) -> StopAction:
+    def stop(self) -> Stop:
         """The Stop the plugins answered with; fails the test if there is none."""
-        if not isinstance(self.action, StopAction):
+        if not isinstance(self.action, Stop):
             raise AssertionError(f"expected the request to be stopped, but {self._what()}")
         return self.action
 
     @property
-    def rewrite(self) -> RewriteAction:
+    def rewrite(self) -> Rewrite:
         """The Rewrite the plugins made; fails the test if there is none."""
-        if not isinstance(self.action, RewriteAction):
+        if not isinstance(self.action, Rewrite):
             raise AssertionError(f"expected the request to be rewritten, but {self._what()}")
         return self.action
 
     def _what(self) -> str:
         if self.action is None:
             return "it passed through unchanged"
-        if isinstance(self.action, StopAction):
+        if isinstance(self.action, Stop):
             return f"it was stopped with {self.action.status}: {self.action.body[:200]!r}"
         return f"it was rewritten: {self.action}"
 
@@ -190,13 +172,13 @@ class ResponseResult:
 
     status: int
     """The new status, or 0 for "unchanged"."""
-    headers: list[tuple[str, str]]
+    headers: tuple[tuple[str, str], ...]
     """Empty: the upstream's headers are kept. Otherwise they replace all of them."""
     body: bytes | None
     """The new body, or None for "unchanged"."""
     asked: list[Asked]
     upstream_status: int
-    upstream_headers: list[tuple[str, str]]
+    upstream_headers: tuple[tuple[str, str], ...]
     upstream_body: bytes | None = field(repr=False)
 
     @property
@@ -204,12 +186,12 @@ class ResponseResult:
         return self.status or self.upstream_status
 
     @property
-    def client_headers(self) -> list[tuple[str, str]]:
+    def client_headers(self) -> tuple[tuple[str, str], ...]:
         """The headers the client gets. With no header change the gateway drops the
         upstream's ``content-*``, ``location``, ``server`` and hop-by-hop headers."""
         if self.headers:
-            return list(self.headers)
-        return [(n, v) for n, v in self.upstream_headers if n.lower() not in _DROPPED]
+            return self.headers
+        return tuple((n, v) for n, v in self.upstream_headers if n.lower() not in _DROPPED)
 
     @property
     def client_body(self) -> bytes | None:
@@ -279,30 +261,27 @@ async def run_request_async(
     call_timeout: float = DEFAULT_CALL_TIMEOUT,
 ) -> RequestResult:
     """Like :func:`run_request`, from a running event loop."""
-    chain = _chain(plugins)
+    chain, observer = _chain(plugins, with_observer=True)
     ip = ipaddress.ip_address(src_ip) if isinstance(src_ip, str) else src_ip
     if method not in METHOD_CODES:
         raise ValueError(f"the gateway cannot send method {method!r} (one of {list(METHOD_CODES)})")
-    payload = refcodec.encode_req_call(
-        conf_token=1,
-        id=id,
-        method=method,
-        path=path,
-        args=_args(args),
-        headers=_pairs(headers),
-        src_ip=ip.packed,
-    )
     all_vars: dict[str, str | bytes | None] = {"remote_addr": str(ip)}
     all_vars.update(vars or {})
     gateway = FakeGateway(all_vars, body)
-    call = HTTPReqCall(payload)
-    request = Request(call, gateway)
-    if chain.request_inline:
-        _plugin_errors(run_request_inline, chain, request)
-    else:
-        await _under_deadline(run_request_chain(chain, request, None), call_timeout)
-    reply = refcodec.decode_req_call_reply(encode_req_call_reply(call.id, request.action()))
-    return RequestResult(_action(reply.action), gateway.asked, request)
+    with _Runner(call_timeout) as runner:
+        token = runner.dispatcher.cache.put(chain)
+        payload = encode_req_call(
+            conf_token=token,
+            id=id,
+            method=method,
+            path=path,
+            args=_args(args),
+            headers=_pairs(headers),
+            src_ip=ip.packed,
+        )
+        reply = await runner.call(RPC.HTTP_REQ_CALL, payload, gateway)
+    action = decode_req_call_reply(reply).action
+    return RequestResult(action, gateway.asked, observer.seen if observer else None)
 
 
 def run_request(
@@ -358,22 +337,20 @@ async def run_response_async(
     call_timeout: float = DEFAULT_CALL_TIMEOUT,
 ) -> ResponseResult:
     """Like :func:`run_response`, from a running event loop."""
-    chain = _chain(plugins)
-    upstream_headers = _pairs(headers)
-    payload = refcodec.encode_resp_call(
-        conf_token=1, id=id, status=status, headers=upstream_headers
-    )
+    chain, _ = _chain(plugins, with_observer=False)
+    upstream_headers = tuple(_pairs(headers))
     gateway = FakeGateway(vars, request_body, body)
-    call = HTTPRespCall(payload)
-    response = Response(call.id, call.status, call.headers, gateway)
-    if chain.response_inline:
-        _plugin_errors(run_response_inline, chain, response)
-    else:
-        await _under_deadline(run_response_chain(chain, response, None), call_timeout)
-    reply = refcodec.decode_resp_call_reply(encode_resp_call_reply(call.id, *response.reply()))
+    with _Runner(call_timeout) as runner:
+        token = runner.dispatcher.cache.put(chain)
+        payload = encode_resp_call(
+            conf_token=token, id=id, status=status, headers=upstream_headers
+        )
+        reply = decode_resp_call_reply(
+            await runner.call(RPC.HTTP_RESP_CALL, payload, gateway)
+        )
     return ResponseResult(
         status=reply.status,
-        headers=[(n, v or "") for n, v in reply.headers],
+        headers=tuple((n, v or "") for n, v in reply.headers),
         body=reply.body or None,
         asked=gateway.asked,
         upstream_status=status,
@@ -432,61 +409,128 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
-def _chain(plugins: Plugins) -> Chain:
+class _Observer(Plugin[None]):
+    """Appended to the chain by run_request: sees the request as a next plugin would."""
+
+    name = "runner.testing.observer"
+
+    def __init__(self, config: None) -> None:
+        super().__init__(config)
+        self.seen: Request | None = None
+
+    def on_request(self, request: Request) -> None:
+        self.seen = request
+
+
+def _chain(plugins: Plugins, *, with_observer: bool) -> tuple[Chain, _Observer | None]:
     chain = [plugins] if isinstance(plugins, Plugin | type) else list(plugins)
     for plugin in chain:
         if not isinstance(plugin, Plugin):
             raise TypeError(
                 f"expected a prepared plugin, got {plugin!r}: use prepare(PluginClass, config)"
             )
-    conf = tuple((p.name, "") for p in chain)
-    return Chain.build("test", conf, chain)
+    observer = _Observer(None) if with_observer else None
+    steps = [*chain, observer] if observer is not None else chain
+    conf = tuple((p.name, "") for p in steps)
+    return Chain.build("runner.testing", conf, steps), observer
 
 
-def _plugin_errors(
-    run: Callable[[Chain, Any], None], chain: Chain, call: Request | Response
-) -> None:
-    try:
-        run(chain, call)
-    except PluginFailed as exc:
-        raise _unwrap(exc) from None
+class _RecordingDispatcher(Dispatcher):
+    """The production dispatcher, keeping the exception behind each error frame so that
+    the test sees the plugin's own exception rather than a 503."""
 
-
-async def _under_deadline(coro: Coroutine[Any, Any, None], limit: float) -> None:
-    try:
-        async with asyncio.timeout(limit) as deadline:
-            await coro
-    except PluginFailed as exc:
-        raise _unwrap(exc) from None
-    except TimeoutError:
-        if deadline.expired():
-            raise CallTimeout(
-                f"plugin chain did not finish within the {limit:g} s call deadline"
-                " (the gateway would answer 503)"
-            ) from None
-        raise
-
-
-def _unwrap(exc: PluginFailed) -> BaseException:
-    cause = exc.__cause__ or exc
-    cause.add_note(f"{exc}: the gateway would answer 503 for this request")
-    return cause
-
-
-def _action(
-    action: refcodec.StopAction | refcodec.RewriteAction | None,
-) -> StopAction | RewriteAction | None:
-    if isinstance(action, refcodec.StopAction):
-        return StopAction(action.status, [(n, v or "") for n, v in action.headers], action.body)
-    if isinstance(action, refcodec.RewriteAction):
-        return RewriteAction(
-            path=action.path,
-            headers=list(action.headers),
-            args=list(action.args),
-            resp_headers=[(n, v or "") for n, v in action.resp_headers],
-            body=action.body,
+    def __init__(self, base: Dispatcher) -> None:
+        super().__init__(
+            base.registry,
+            base.cache,
+            max_frame_size=base.max_frame_size,
+            executor=base.executor,
         )
-    return None
+        self.failures: list[BaseException] = []
+
+    def error_frame(self, exc: BaseException, call_id: int | None = None) -> bytes:
+        self.failures.append(exc)
+        return super().error_frame(exc, call_id)
+
+
+class _Caller:
+    """The dispatcher's ``Caller`` for one call: the fake gateway answers its questions,
+    and its reply is kept (now, or from the coroutine of a call that waits)."""
+
+    def __init__(self, gateway: InfoSource) -> None:
+        self.ask = gateway.ask
+        self.frame: bytes | None = None
+        self.later: Coroutine[Any, Any, bytes] | None = None
+
+    def reply(self, frame: bytes) -> None:
+        self.frame = frame
+
+    def reply_later(self, reply: Coroutine[Any, Any, bytes]) -> None:
+        self.later = reply
+
+
+class _Runner:
+    """One call through a dispatcher built as the server builds it (its executor for
+    blocking plugins included), under the server's deadline rule: the connection's
+    ``Exchange`` ends a call that waits past ``call_timeout`` with its timeout error."""
+
+    def __init__(self, call_timeout: float) -> None:
+        config = Config(call_timeout=call_timeout)
+        base = build_dispatcher(config, PluginRegistry())
+        self.dispatcher = _RecordingDispatcher(base)
+        self.exchange: Exchange[Any] = Exchange(
+            self.dispatcher.error_frame,
+            call_timeout=config.call_timeout,
+            max_frame_size=config.max_frame_size,
+        )
+
+    def __enter__(self) -> _Runner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        executor = self.dispatcher.executor
+        if executor is not None:
+            # A thread still blocked past the deadline is left to finish on its own.
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    async def call(self, rpc_type: RPC, payload: bytes, gateway: InfoSource) -> bytes:
+        """The reply payload; a failed call raises what made it fail."""
+        dispatcher = self.dispatcher
+        caller = _Caller(gateway)
+        dispatcher.handle(rpc_type, payload, caller)
+        reply = caller.frame
+        if caller.later is not None:
+            # As the connection does: the call runs as a task; past its deadline the
+            # exchange answers with the timeout error and the task is cancelled.
+            loop = asyncio.get_running_loop()
+            exchange = self.exchange
+            call = exchange.call_waits(loop.time())
+            task = loop.create_task(caller.later)
+            due = exchange.call_due
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, (due or 0.0) - loop.time()))
+            if done:
+                reply = exchange.call_done(call, task.result())
+            else:
+                reply = exchange.expire(due if due is not None else loop.time())
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if reply is None:
+            raise AssertionError("the runner gave no reply")
+        if reply[0] == RPC.ERROR:
+            raise _failure(dispatcher.failures[-1])
+        if reply[0] != rpc_type:
+            raise AssertionError(f"the runner replied with a frame of type {reply[0]}")
+        return reply[4:]
+
+
+def _failure(exc: BaseException) -> BaseException:
+    if isinstance(exc, PluginFailed):
+        cause = exc.__cause__ or exc
+        cause.add_note(f"{exc}: the gateway would answer 503 for this request")
+        return cause
+    if isinstance(exc, CallTimeout):
+        exc.add_note("the gateway would answer 503 for this request")
+    return exc
 
 
 def _pairs(items: HeadersIn) -> list[tuple[str, str]]:

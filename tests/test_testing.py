@@ -6,15 +6,18 @@ import asyncio
 import ipaddress
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from runner.plugin import ConfigError, Plugin, Request, Response
+from runner.server.lifecycle import BLOCKING_THREADS
 from runner.testing import (
     CallTimeout,
     PluginConfigError,
-    RewriteAction,
-    StopAction,
+    Rewrite,
+    Stop,
     prepare,
     run_request,
     run_request_async,
@@ -71,7 +74,7 @@ class Marker(Plugin[None]):
         request.headers.delete("cookie")
         request.args.add("page", "2")
         request.args.delete("debug")
-        request.set_response_header("x-served-by", "marker")
+        request.response_headers.set("x-served-by", "marker")
 
 
 class Inspect(Plugin[None]):
@@ -148,7 +151,8 @@ def test_prepare_checks_the_config_as_prepare_conf_does() -> None:
     ("config", "message"),
     [
         ({}, "plugin 'echo': field 'greeting': required field is missing"),
-        ({"greeting": 1}, "field 'greeting': expected a string, got 1"),
+        ({"greeting": 1}, "field 'greeting': expected a string, got a number"),
+        ("", "invalid JSON"),
         ({"greeting": "x", "colour": "red"}, "field 'colour': unknown field"),
         ({"greeting": "x", "limits": {"low": 5, "high": 1}}, "field 'limits.low': must not"),
         ("{not json", "invalid JSON"),
@@ -177,8 +181,8 @@ def test_a_stop_reaches_the_gateway_with_status_headers_and_body() -> None:
         src_ip="10.1.2.3",
         body=b"payload",
     )
-    assert result.stop == StopAction(
-        201, [("x-a", "1"), ("x-a", "2")], b"hello POST /items 10.1.2.3 b'payload'"
+    assert result.stop == Stop(
+        201, (("x-a", "1"), ("x-a", "2")), b"hello POST /items 10.1.2.3 b'payload'"
     )
     assert result.stop.header("X-A") == "1"
     # Asked once each: the second var() was answered from the call's cache.
@@ -199,11 +203,11 @@ def test_a_rewrite_carries_only_what_changed() -> None:
         headers=[("Cookie", "a=1"), ("Accept", "*/*")],
         args="debug&q=x",
     )
-    assert result.rewrite == RewriteAction(
+    assert result.rewrite == Rewrite(
         path="/v2/items",
-        headers=[("x-marked", "yes"), ("cookie", None)],
-        args=[("page", "2"), ("debug", None)],
-        resp_headers=[("x-served-by", "marker")],
+        headers=(("x-marked", "yes"), ("cookie", None)),
+        args=(("page", "2"), ("debug", None)),
+        resp_headers=(("x-served-by", "marker"),),
         body=None,
     )
     # The request as a next plugin in the chain would see it.
@@ -274,7 +278,17 @@ def test_a_blocking_plugin_runs_in_a_thread_and_can_ask_the_gateway() -> None:
     result = run_request(prepare(Blocks), src_ip="192.0.2.7")
     headers = dict(result.rewrite.headers)
     assert headers["x-addr"] == "192.0.2.7"
-    assert headers["x-thread"] != threading.current_thread().name
+    # The runner's own pool for blocking plugins, not asyncio's default executor.
+    assert headers["x-thread"] == BLOCKING_THREADS
+
+
+def test_plain_hooks_before_and_after_an_async_one_run_in_route_order() -> None:
+    first, last = prepare(Marker), prepare(Inspect)
+    result = run_request([first, prepare(Inspect), last], path="/a", args="q=1")
+    assert first.calls == 1
+    assert last.seen  # the chain went on past the async plugin
+    assert result.rewrite.path == "/v2/a"
+    assert result.request.path == "/v2/a"
 
 
 def test_inputs_the_gateway_cannot_send_are_refused() -> None:
@@ -309,12 +323,12 @@ def test_a_response_change_is_reported_as_the_gateway_and_the_client_see_it() ->
     )
     assert (result.status, result.body) == (202, b"HELLO")
     # A replaced body must not travel with the upstream's length or framing headers.
-    assert result.headers == [
+    assert result.headers == (
         ("Content-Type", "text/plain"),
         ("Set-Cookie", "a=1"),
         ("Set-Cookie", "b=2"),
         ("x-tidy", "1"),
-    ]
+    )
     assert result.client_status == 202
     assert result.client_body == b"HELLO"
     assert result.header("content-type") == "text/plain"
@@ -329,7 +343,20 @@ def test_an_unchanged_response_keeps_the_upstreams_minus_what_the_gateway_drops(
         body="not found",
     )
     assert not result.changed
-    assert (result.status, result.headers, result.body) == (0, [], None)
+    assert (result.status, result.headers, result.body) == (0, (), None)
     assert result.client_status == 404
-    assert result.client_headers == [("x-upstream", "1")]
+    assert result.client_headers == (("x-upstream", "1"),)
     assert result.client_body == b"not found"
+
+
+def test_the_guides_testing_example_runs_as_written() -> None:
+    # docs/plugin-guide.md shows plugin authors how to test; its example must pass.
+    guide = (Path(__file__).parent.parent / "docs" / "plugin-guide.md").read_text()
+    section = guide.split("## 4. Testing plugins", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "plugin-guide.md", "exec"), namespace)
+    tests = [f for name, f in namespace.items() if name.startswith("test_")]
+    assert len(tests) == 3
+    for test in tests:
+        test()

@@ -1,20 +1,33 @@
-"""A route's prepared plugin chain, and running it over one request or response."""
+"""A route's prepared plugin chain, and running it over one request or response.
+
+Each phase has one loop, :func:`run_plain_steps`, which runs hooks for as long as they
+can run right away (plain, non-blocking) and says where it had to stop. A chain of plain
+hooks is therefore answered without a task; when a hook must be awaited (``async def``,
+or ``blocking`` in a worker thread), :func:`finish_steps` awaits it and hands the rest
+of the chain back to the same loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from enum import IntEnum
+from typing import Any, TypeAlias
 
-from runner.core.errors import BadRequest
+from runner.core.calls import CallEdits
+from runner.core.configschema import ConfigError, load_config
+from runner.core.errors import BadRequest, PluginConfigError
 from runner.plugin import Plugin, Request, Response
 from runner.protocol.messages import MalformedMessage
 
 # Raised through a plugin by the ExtraInfo channel: the gateway's fault, not the plugin's.
 _GATEWAY_FAULTS = (BadRequest, MalformedMessage)
+
+REQUEST_HOOK = "on_request"
+RESPONSE_HOOK = "on_response"
 
 
 class PluginFailed(Exception):
@@ -25,13 +38,157 @@ class PluginFailed(Exception):
         self.plugin = plugin
 
 
-def _returned(plugin: Plugin[Any], hook: str, result: object) -> TypeError:
+# ----------------------------------------------------------------- plugin classes
+
+
+def create_plugin(cls: type[Plugin[Any]], raw_config: str) -> Plugin[Any]:
+    """Check a route's JSON config against ``cls``'s declaration and create the plugin
+    instance for that route; a refused config raises :class:`PluginConfigError`."""
+    try:
+        return cls(load_config(cls.config_type, raw_config))
+    except ConfigError as exc:
+        raise PluginConfigError(cls.name, str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise PluginConfigError(cls.name, str(exc) or type(exc).__name__) from exc
+
+
+def implements(cls: type[Plugin[Any]], hook: str) -> bool:
+    """True if ``cls`` overrides ``hook`` (a chain skips the hooks it does not)."""
+    return getattr(cls, hook) is not getattr(Plugin, hook)
+
+
+def summary(cls: type[Plugin[Any]]) -> str:
+    """The first line of the plugin's docstring, or ``""``."""
+    doc = inspect.getdoc(cls) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+class HookKind(IntEnum):
+    PLAIN = 0  # called right on the loop
+    ASYNC = 1  # awaited on the loop
+    BLOCKING = 2  # a plain hook of a ``blocking`` plugin: run in the executor
+
+
+def hook_kind(cls: type[Plugin[Any]], hook: str) -> HookKind:
+    """How the runner calls ``hook``: decided once per chain, not per call."""
+    if inspect.iscoroutinefunction(getattr(cls, hook)):
+        return HookKind.ASYNC  # blocking or not: an async hook runs on the loop
+    return HookKind.BLOCKING if cls.blocking else HookKind.PLAIN
+
+
+# ------------------------------------------------------------------------ chains
+
+Hook: TypeAlias = Callable[[Any], Any]
+Step: TypeAlias = tuple[Plugin[Any], Hook, HookKind]
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """The plugins of one PrepareConf, each created once with its checked config."""
+
+    key: str
+    conf: tuple[tuple[str, str], ...]
+    # Each plugin with the hook, bound, and how it is called; only those that have one.
+    request_steps: tuple[Step, ...]
+    response_steps: tuple[Step, ...]
+
+    @classmethod
+    def build(
+        cls, key: str, conf: Sequence[tuple[str, str]], plugins: Sequence[Plugin[Any]]
+    ) -> Chain:
+        return cls(
+            key=key,
+            conf=tuple(conf),
+            request_steps=_steps(plugins, REQUEST_HOOK),
+            response_steps=_steps(plugins, RESPONSE_HOOK),
+        )
+
+
+def _steps(plugins: Sequence[Plugin[Any]], hook: str) -> tuple[Step, ...]:
+    return tuple(
+        (p, getattr(p, hook), hook_kind(type(p), hook))
+        for p in plugins
+        if implements(type(p), hook)
+    )
+
+
+def run_plain_steps(
+    steps: tuple[Step, ...], call: Request | Response, edits: CallEdits, start: int = 0
+) -> int:
+    """Run ``steps[start:]`` while they are plain hooks, in order, until one stops the
+    call. Returns the index of the first step that must be awaited (hand it to
+    :func:`finish_steps`), or -1 once the chain is over."""
+    i = start
+    # Over the tuple itself, not range() and indexing: this runs once per call.
+    for plugin, hook, kind in steps[start:] if start else steps:
+        if kind:  # not PLAIN
+            return i
+        try:
+            result = hook(call)
+            if result is not None:
+                raise _returned(_hook_name(call), result)
+        except _GATEWAY_FAULTS:
+            raise
+        except Exception as exc:
+            raise PluginFailed(plugin.name, _hook_name(call)) from exc
+        if edits.stop is not None:
+            return -1
+        i += 1
+    return -1
+
+
+async def finish_steps(
+    steps: tuple[Step, ...],
+    call: Request | Response,
+    edits: CallEdits,
+    start: int,
+    executor: Executor | None,
+) -> None:
+    """Run the rest of a chain from ``steps[start]``, the first step that must be
+    awaited (as :func:`run_plain_steps` returned it)."""
+    i = start
+    while i >= 0:
+        plugin, hook, kind = steps[i]
+        try:
+            if kind is HookKind.ASYNC:
+                result = await hook(call)
+            else:
+                result = await _in_thread(hook, call, edits, executor)
+            if result is not None:
+                raise _returned(_hook_name(call), result)
+        except _GATEWAY_FAULTS:
+            raise
+        except Exception as exc:
+            raise PluginFailed(plugin.name, _hook_name(call)) from exc
+        if edits.stop is not None:
+            return
+        i = run_plain_steps(steps, call, edits, i + 1)
+
+
+async def _in_thread(
+    hook: Hook, call: Request | Response, edits: CallEdits, executor: Executor | None
+) -> Any:
+    loop = asyncio.get_running_loop()
+    edits.loop = loop  # lets the hook's run_sync reach the loop
+    try:
+        return await loop.run_in_executor(executor, hook, call)
+    finally:
+        # A thread that outlives its call (past the deadline) must not ask the
+        # gateway on a connection that has moved on to another call.
+        edits.loop = None
+
+
+def _hook_name(call: Request | Response) -> str:
+    # Worked out only when a hook fails: the loop itself need not know its phase.
+    return REQUEST_HOOK if isinstance(call, Request) else RESPONSE_HOOK
+
+
+def _returned(hook: str, result: object) -> TypeError:
     """The error for a hook that returned a value: hooks act on the call and return None.
 
     A value is never taken as a verdict (an auth hook returning False must not let the
-    request through), and an awaitable from a plain function is not awaited: whether a
-    chain runs inline depends on its other plugins, so awaiting it only sometimes would
-    make the same plugin work on one route and be skipped on another.
+    request through), and an awaitable from a plain function is not awaited: whether it
+    would be awaited must not depend on the chain's other plugins.
     """
     if inspect.iscoroutine(result):
         result.close()  # never awaited, on purpose: spare the RuntimeWarning
@@ -44,107 +201,14 @@ def _returned(plugin: Plugin[Any], hook: str, result: object) -> TypeError:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Chain:
-    """The plugins of one PrepareConf, each created once with its checked config."""
-
-    key: str
-    conf: tuple[tuple[str, str], ...]
-    request_plugins: tuple[Plugin[Any], ...]
-    response_plugins: tuple[Plugin[Any], ...]
-    # True when every hook is plain and non-blocking: the call is served without a task.
-    request_inline: bool
-    response_inline: bool
-    # Each request plugin, and whether its on_request is ``async def`` (awaited right
-    # on the loop): decided once here, not per call.
-    request_steps: tuple[tuple[Plugin[Any], bool], ...]
-
-    @classmethod
-    def build(
-        cls, key: str, conf: Sequence[tuple[str, str]], plugins: Sequence[Plugin[Any]]
-    ) -> Chain:
-        req = tuple(p for p in plugins if p.handles_requests())
-        resp = tuple(p for p in plugins if p.handles_responses())
-        return cls(
-            key=key,
-            conf=tuple(conf),
-            request_plugins=req,
-            response_plugins=resp,
-            request_inline=all(p.runs_inline("on_request") for p in req),
-            response_inline=all(p.runs_inline("on_response") for p in resp),
-            request_steps=tuple((p, inspect.iscoroutinefunction(p.on_request)) for p in req),
-        )
-
-
-def run_request_inline(chain: Chain, request: Request) -> None:
-    for plugin in chain.request_plugins:
-        try:
-            result = plugin.on_request(request)
-            if result is not None:
-                raise _returned(plugin, "on_request", result)
-        except _GATEWAY_FAULTS:
-            raise
-        except Exception as exc:
-            raise PluginFailed(plugin.name, "on_request") from exc
-        if request.stopped:
-            return
-
-
-def run_response_inline(chain: Chain, response: Response) -> None:
-    for plugin in chain.response_plugins:
-        try:
-            result = plugin.on_response(response)
-            if result is not None:
-                raise _returned(plugin, "on_response", result)
-        except _GATEWAY_FAULTS:
-            raise
-        except Exception as exc:
-            raise PluginFailed(plugin.name, "on_response") from exc
-
-
-async def run_request(chain: Chain, request: Request, executor: Executor | None) -> None:
-    for plugin, is_async in chain.request_steps:
-        try:
-            if is_async:  # the usual async plugin, awaited without _run_hook's dispatch
-                result = await plugin.on_request(request)  # type: ignore[misc]
-                if result is not None:
-                    raise _returned(plugin, "on_request", result)
-            else:
-                await _run_hook(plugin, "on_request", request, executor)
-        except _GATEWAY_FAULTS:
-            raise
-        except Exception as exc:
-            raise PluginFailed(plugin.name, "on_request") from exc
-        if request.stopped:
-            return
-
-
-async def run_response(chain: Chain, response: Response, executor: Executor | None) -> None:
-    for plugin in chain.response_plugins:
-        try:
-            await _run_hook(plugin, "on_response", response, executor)
-        except _GATEWAY_FAULTS:
-            raise
-        except Exception as exc:
-            raise PluginFailed(plugin.name, "on_response") from exc
-
-
-async def _run_hook(
-    plugin: Plugin[Any], hook_name: str, call: Request | Response, executor: Executor | None
-) -> None:
-    hook = getattr(plugin, hook_name)
-    if inspect.iscoroutinefunction(hook):
-        result = await hook(call)  # blocking or not: an async hook runs on the loop
-    elif plugin.blocking:
-        loop = asyncio.get_running_loop()
-        call._loop = loop
-        try:
-            result = await loop.run_in_executor(executor, hook, call)
-        finally:
-            # A thread that outlives its call (past the deadline) must not ask the
-            # gateway on a connection that has moved on to another call.
-            call._loop = None
-    else:
-        result = hook(call)
-    if result is not None:
-        raise _returned(plugin, hook_name, result)
+__all__ = [
+    "Chain",
+    "HookKind",
+    "PluginFailed",
+    "create_plugin",
+    "finish_steps",
+    "hook_kind",
+    "implements",
+    "run_plain_steps",
+    "summary",
+]

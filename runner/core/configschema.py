@@ -31,19 +31,29 @@ class ConfigError(ValueError):
 def load_config(declared: Any, raw: str) -> Any:
     """Parse ``raw`` (the gateway's JSON string) into the ``declared`` type.
 
-    An empty string counts as an empty JSON object, so a plugin whose fields all have
-    defaults can be configured with ``""`` or ``"{}"``.
+    An empty string is not JSON: a plugin that declares a config refuses it like any
+    other invalid JSON (an auth plugin must not run on its defaults because an operator
+    left its config blank). Only a plugin without config takes ``""``.
+
+    Error messages name the field and what was expected, never the value given: they
+    end up in the gateway's error log, and a config value may be a secret.
     """
     text = raw.strip()
+    no_config = declared is None or declared is type(None)
+    if not text:
+        if no_config:
+            return None
+        raise ConfigError("", "invalid JSON: the config is empty (write {} for the defaults)")
     try:
-        data = json.loads(text) if text else {}
+        data = json.loads(text)
     except ValueError as exc:
+        # json's message gives a position, never the text around it.
         raise ConfigError("", f"invalid JSON: {exc}") from None
-    if declared is None or declared is type(None):
+    if no_config:
         # A plugin without config: the gateway's schema forces a string, so accept the
         # spellings of "nothing" an operator is likely to write.
         if data not in (None, {}):
-            raise ConfigError("", f"this plugin takes no config, got {_show(data)}")
+            raise ConfigError("", f"this plugin takes no config, got {_kind(data)}")
         return None
     return convert(declared, data)
 
@@ -54,7 +64,7 @@ def convert(declared: Any, value: Any, path: str = "") -> Any:
         return value
     if declared is None or declared is type(None):
         if value is not None:
-            raise ConfigError(path, f"expected null, got {_show(value)}")
+            raise ConfigError(path, f"expected null, got {_kind(value)}")
         return None
     if dataclasses.is_dataclass(declared) and isinstance(declared, type):
         return _convert_dataclass(declared, value, path)
@@ -64,7 +74,7 @@ def convert(declared: Any, value: Any, path: str = "") -> Any:
     if origin is Literal:
         if value not in get_args(declared):
             choices = ", ".join(repr(a) for a in get_args(declared))
-            raise ConfigError(path, f"expected one of {choices}, got {_show(value)}")
+            raise ConfigError(path, f"expected one of {choices}")
         return value
     if origin in (list, tuple, typing.Sequence) or declared in (list, tuple):
         return _convert_sequence(declared, origin, value, path)
@@ -75,22 +85,22 @@ def convert(declared: Any, value: Any, path: str = "") -> Any:
             return declared(value)
         except ValueError:
             choices = ", ".join(repr(m.value) for m in declared)
-            raise ConfigError(path, f"expected one of {choices}, got {_show(value)}") from None
+            raise ConfigError(path, f"expected one of {choices}") from None
     if declared is bool:
         if not isinstance(value, bool):
-            raise ConfigError(path, f"expected true or false, got {_show(value)}")
+            raise ConfigError(path, f"expected true or false, got {_kind(value)}")
         return value
     if declared is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected an integer, got {_show(value)}")
+            raise ConfigError(path, f"expected an integer, got {_kind(value)}")
         return value
     if declared is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(path, f"expected a number, got {_show(value)}")
+            raise ConfigError(path, f"expected a number, got {_kind(value)}")
         return float(value)
     if declared is str:
         if not isinstance(value, str):
-            raise ConfigError(path, f"expected a string, got {_show(value)}")
+            raise ConfigError(path, f"expected a string, got {_kind(value)}")
         return value
     raise TypeError(f"config type {declared!r} is not supported (at {path or 'top level'})")
 
@@ -128,7 +138,7 @@ def _type_name(declared: Any) -> str:
 
 def _convert_dataclass(declared: type, value: Any, path: str) -> Any:
     if not isinstance(value, dict):
-        raise ConfigError(path, f"expected an object, got {_show(value)}")
+        raise ConfigError(path, f"expected an object, got {_kind(value)}")
     hints = typing.get_type_hints(declared)
     fields = {f.name: f for f in dataclasses.fields(declared) if f.init}
     unknown = sorted(set(value) - set(fields))
@@ -168,7 +178,7 @@ def _convert_union(declared: Any, value: Any, path: str) -> Any:
 
 def _convert_sequence(declared: Any, origin: Any, value: Any, path: str) -> Any:
     if not isinstance(value, list):
-        raise ConfigError(path, f"expected an array, got {_show(value)}")
+        raise ConfigError(path, f"expected an array, got {_kind(value)}")
     args = get_args(declared)
     if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
         if len(value) != len(args):
@@ -182,7 +192,7 @@ def _convert_sequence(declared: Any, origin: Any, value: Any, path: str) -> Any:
 
 def _convert_mapping(declared: Any, value: Any, path: str) -> Any:
     if not isinstance(value, dict):
-        raise ConfigError(path, f"expected an object, got {_show(value)}")
+        raise ConfigError(path, f"expected an object, got {_kind(value)}")
     args = get_args(declared)
     item = args[1] if len(args) == 2 else Any
     return {k: convert(item, v, _join(path, k)) for k, v in value.items()}
@@ -192,6 +202,16 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _show(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+def _kind(value: Any) -> str:
+    """What sort of JSON value was given, never the value: it may be a secret."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

@@ -16,14 +16,13 @@ from concurrent.futures import Executor
 from typing import Any, Protocol, TypeAlias
 
 from runner.core.cache import ConfCache
-from runner.core.chain import (
-    Chain,
-    PluginFailed,
-    run_request,
-    run_request_inline,
-    run_response,
-    run_response_inline,
+from runner.core.calls import (
+    RequestEdits,
+    ResponseEdits,
+    encode_request_reply,
+    encode_response_reply,
 )
+from runner.core.chain import Chain, PluginFailed, finish_steps, run_plain_steps
 from runner.core.errors import (
     BadRequest,
     ConfRejected,
@@ -41,7 +40,6 @@ from runner.protocol.messages import (
     decode_prepare_conf,
     encode_error,
     encode_prepare_conf_reply,
-    encode_resp_call_reply,
 )
 
 log = logging.getLogger("a6.dispatch")
@@ -185,22 +183,27 @@ class Dispatcher:
             chain = self.cache.lookup(call.conf_token)
         except KeyError:
             raise ConfTokenNotFound(call.conf_token) from None
-        request = Request(call, caller)
-        if chain.request_inline:
-            try:
-                run_request_inline(chain, request)
-                reply = request.encode_reply()
-            except Exception as exc:
-                caller.reply(self.error_frame(exc, call.id))
-                return
+        edits = RequestEdits()
+        request = Request(call, caller, edits)
+        try:
+            # Plain hooks run right here: a chain of them is answered without a task.
+            awaited = run_plain_steps(chain.request_steps, request, edits)
+            if awaited < 0:
+                reply = encode_request_reply(call.id, edits)
+        except Exception as exc:
+            caller.reply(self.error_frame(exc, call.id))
+            return
+        if awaited < 0:
             caller.reply(self._frame(RPC.HTTP_REQ_CALL, reply, call.id))
             return
-        caller.reply_later(self._req_call_async(chain, request))
+        caller.reply_later(self._req_call_async(chain, request, edits, awaited))
 
-    async def _req_call_async(self, chain: Chain, request: Request) -> bytes:
+    async def _req_call_async(
+        self, chain: Chain, request: Request, edits: RequestEdits, start: int
+    ) -> bytes:
         try:
-            await run_request(chain, request, self.executor)
-            reply = request.encode_reply()
+            await finish_steps(chain.request_steps, request, edits, start, self.executor)
+            reply = encode_request_reply(request.id, edits)
         except Exception as exc:
             return self.error_frame(exc, request.id)
         return self._frame(RPC.HTTP_REQ_CALL, reply, request.id)
@@ -213,22 +216,26 @@ class Dispatcher:
             chain = self.cache.lookup(call.conf_token)
         except KeyError:
             raise ConfTokenNotFound(call.conf_token) from None
-        response = Response(call.id, call.status, call.headers, caller)
-        if chain.response_inline:
-            try:
-                run_response_inline(chain, response)
-                reply = encode_resp_call_reply(call.id, *response.reply())
-            except Exception as exc:
-                caller.reply(self.error_frame(exc, call.id))
-                return
+        edits = ResponseEdits()
+        response = Response(call.id, call.status, call.headers, caller, edits)
+        try:
+            awaited = run_plain_steps(chain.response_steps, response, edits)
+            if awaited < 0:
+                reply = encode_response_reply(call.id, edits)
+        except Exception as exc:
+            caller.reply(self.error_frame(exc, call.id))
+            return
+        if awaited < 0:
             caller.reply(self._frame(RPC.HTTP_RESP_CALL, reply, call.id))
             return
-        caller.reply_later(self._resp_call_async(chain, response))
+        caller.reply_later(self._resp_call_async(chain, response, edits, awaited))
 
-    async def _resp_call_async(self, chain: Chain, response: Response) -> bytes:
+    async def _resp_call_async(
+        self, chain: Chain, response: Response, edits: ResponseEdits, start: int
+    ) -> bytes:
         try:
-            await run_response(chain, response, self.executor)
-            reply = encode_resp_call_reply(response.id, *response.reply())
+            await finish_steps(chain.response_steps, response, edits, start, self.executor)
+            reply = encode_response_reply(response.id, edits)
         except Exception as exc:
             return self.error_frame(exc, response.id)
         return self._frame(RPC.HTTP_RESP_CALL, reply, response.id)

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import CodeType, ModuleType
 from typing import Any
 
+from runner.core.chain import create_plugin
 from runner.core.config import Config
 from runner.core.errors import UnknownPlugin
 from runner.plugin import Plugin
@@ -255,7 +256,7 @@ class PluginRegistry:
                 failed = "; ".join(f"{k}: {v}" for k, v in self.import_errors.items())
                 error.args = (f"{error.args[0]}; modules that failed to import: {failed}",)
             raise error
-        return cls.from_json(raw_config)
+        return create_plugin(cls, raw_config)
 
     def origin(self, name: str) -> str:
         return self._origins[name]

@@ -17,6 +17,7 @@ from runner.cli_options import (
     plugin_dirs,
     plugins_dir_option,
 )
+from runner.core.chain import implements, summary
 from runner.core.config import Config
 from runner.plugin import Plugin
 
@@ -67,14 +68,13 @@ def _describe(cls: type[Plugin[Any]], origin: str) -> dict[str, Any]:
     """One plugin of the listing, as plain data (the --json output's items)."""
     from runner.core.configschema import describe
 
-    hooks = [h for h, has in (("on_request", cls.handles_requests()),
-                              ("on_response", cls.handles_responses())) if has]  # fmt: skip
+    hooks = [h for h in ("on_request", "on_response") if implements(cls, h)]
     config_type = cls.config_type
     return {
         "name": cls.name,
         "hooks": hooks,
         "blocking": cls.blocking,
-        "summary": cls.summary(),
+        "summary": summary(cls),
         "config": "none" if config_type in (None, type(None)) else describe(config_type),
         "origin": origin,
     }
@@ -222,13 +222,13 @@ from runner.testing import PluginConfigError, load_plugin, prepare, run_request
 def test_it_adds_the_configured_header() -> None:
     plugin = prepare({cls}, {{"header": "x-greeting", "value": "hi"}})
     result = run_request(plugin, path="/anything")
-    assert result.rewrite.headers == [("x-greeting", "hi")]
+    assert result.rewrite.headers == (("x-greeting", "hi"),)
 
 
 def test_a_request_without_the_required_arg_is_refused() -> None:
     plugin = prepare({cls}, {{"required_arg": "token"}})
     assert run_request(plugin, args="other=1").stop.status == 403
-    assert run_request(plugin, args="token=abc").rewrite.headers == [("x-{name}", "hello")]
+    assert run_request(plugin, args="token=abc").rewrite.headers == (("x-{name}", "hello"),)
 
 
 def test_a_bad_config_is_rejected_naming_the_field() -> None:

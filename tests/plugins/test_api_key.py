@@ -31,7 +31,7 @@ def test_an_unknown_key_is_403() -> None:
 @pytest.mark.parametrize("key", ["s3cret", "other-key"])
 def test_a_known_key_passes_and_the_upstream_never_sees_it(key: str) -> None:
     result = run_request(prepare(ApiKey, KEYS), headers={"X-API-Key": key, "accept": "*/*"})
-    assert result.rewrite.headers == [("x-api-key", None)]
+    assert result.rewrite.headers == (("x-api-key", None),)
 
 
 def test_the_key_can_be_left_for_the_upstream() -> None:
@@ -43,7 +43,7 @@ def test_the_header_name_is_configurable() -> None:
     plugin = prepare(ApiKey, {**KEYS, "header": "authorization"})
     assert run_request(plugin, headers={"x-api-key": "s3cret"}).stop.status == 401
     result = run_request(plugin, headers={"Authorization": "s3cret"})
-    assert result.rewrite.headers == [("authorization", None)]
+    assert result.rewrite.headers == (("authorization", None),)
 
 
 def test_a_later_plugin_does_not_run_for_a_refused_request() -> None:

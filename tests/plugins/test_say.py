@@ -22,7 +22,7 @@ def test_by_default_it_answers_200_with_a_greeting() -> None:
 def test_status_headers_and_body_come_from_the_config() -> None:
     plugin = prepare(Say, {"status": 418, "body": "short and stout", "headers": {"x-tea": "1"}})
     stop = run_request(plugin, path="/teapot").stop
-    assert (stop.status, stop.headers, stop.body) == (418, [("x-tea", "1")], b"short and stout")
+    assert (stop.status, stop.headers, stop.body) == (418, (("x-tea", "1"),), b"short and stout")
 
 
 def test_the_gateway_never_asks_the_upstream_or_anything_else() -> None:

@@ -368,14 +368,20 @@ def _apply(target: object, ops: list[tuple[str, str, object]]) -> list[object]:
 def test_lazy_changes_read_and_rewrite_like_eager_ones(
     source: list[fb.Entry], ops: list[tuple[str, str, object]], kind: str
 ) -> None:
+    from runner.core.calls import ChangeLog
     from runner.plugin import Args, Headers
 
     make = Headers if kind == "headers" else Args
-    lazy, eager = make(list(source)), make(list(source))
+    lazy_log: ChangeLog = {}
+    eager_log: ChangeLog = {}
+    lazy, eager = make(list(source), lazy_log), make(list(source), eager_log)
     eager._mutable()  # decoded before any change: the original, eager path
     assert _apply(lazy, ops) == _apply(eager, ops)
     assert lazy.changed == eager.changed
-    assert lazy.rewrite_entries() == eager.rewrite_entries()
+    # What the gateway is sent comes from the change log: the same either way, and
+    # each changed name's logged values are the values it has now.
+    assert lazy_log == eager_log
+    assert all(values == lazy.getall(name) for name, values in lazy_log.values())
     assert lazy.items() == eager.items()
 
 
@@ -405,8 +411,9 @@ REQUEST_OPS = st.lists(
 def test_request_encode_reply_is_its_action_encoded(
     call_id: int, source: list[fb.Entry], args: list[fb.Entry], ops: list[tuple[str, object]]
 ) -> None:
-    # The dispatcher sends Request.encode_reply(); testing.py and plugin authors see
-    # Request.action(): the two must always mean the same bytes.
+    # The dispatcher sends encode_request_reply(edits), written for speed; the generic
+    # encoder of request_action(edits) is the reference: the same bytes, always.
+    from runner.core.calls import RequestEdits, encode_request_reply, request_action
     from runner.plugin import Request
 
     payload = ref.encode_req_call(
@@ -415,19 +422,22 @@ def test_request_encode_reply_is_its_action_encoded(
         headers=[(n, v or "") for n, v in source],
         args=args,
     )
-    request = Request(m.HTTPReqCall(payload), None)  # type: ignore[arg-type]
+    edits = RequestEdits()
+    request = Request(m.HTTPReqCall(payload), None, edits)  # type: ignore[arg-type]
     for op, value in ops:
         if op in ("headers", "args"):
             _apply(getattr(request, op), value)  # type: ignore[arg-type]
         elif op == "path":
             request.set_path(value)  # type: ignore[arg-type]
         elif op == "resp_header":
-            request.set_response_header(*value)  # type: ignore[misc]
+            request.response_headers.set(*value)  # type: ignore[misc]
         elif op == "body":
             request.set_body(value)  # type: ignore[arg-type]
         else:
             request.stop(value)  # type: ignore[arg-type]
-    assert request.encode_reply() == m.encode_req_call_reply(call_id, request.action())
+    assert encode_request_reply(call_id, edits) == m.encode_req_call_reply(
+        call_id, request_action(edits)
+    )
 
 
 def _generic_root_bytes(buf: bytes) -> bytes | None:

@@ -96,7 +96,7 @@ async def test_a_changed_module_serves_after_the_gateway_re_prepares(
     config = reload_config(sock_dir, plugin_dir)
     async with serving(config) as server, await connect(config) as conn:
         reloader = reloader_for(config, server.dispatcher)
-        token = await conn.prepare_conf([("hot", "")])
+        token = await conn.prepare_conf([("hot", "{}")])
         assert await answer(conn, token) == b"v1"
         assert not reloader.check_once()  # nothing changed
 
@@ -125,7 +125,7 @@ async def test_an_edit_within_the_same_second_and_of_the_same_size_is_not_missed
         path.write_text(path.read_text().replace("'v1'", "'v2'"))
         os.utime(path, ns=(second + 200, second + 200))
         assert reloader.check_once()
-        assert await answer(conn, await conn.prepare_conf([("hot", "")])) == b"v2"
+        assert await answer(conn, await conn.prepare_conf([("hot", "{}")])) == b"v2"
 
 
 async def test_a_module_that_fails_to_import_is_reported_and_the_old_one_keeps_serving(
@@ -134,7 +134,7 @@ async def test_a_module_that_fails_to_import_is_reported_and_the_old_one_keeps_s
     config = reload_config(sock_dir, plugin_dir)
     async with serving(config) as server, await connect(config) as conn:
         reloader = reloader_for(config, server.dispatcher)
-        token = await conn.prepare_conf([("hot", "")])
+        token = await conn.prepare_conf([("hot", "{}")])
 
         (plugin_dir / "hot.py").write_text("def broken(:\n")
         bump_mtime(plugin_dir / "hot.py")
@@ -154,7 +154,7 @@ async def test_a_module_that_fails_to_import_is_reported_and_the_old_one_keeps_s
 
         write_plugin(plugin_dir, "v3")
         assert reloader.check_once()
-        token = await conn.prepare_conf([("hot", "")])
+        token = await conn.prepare_conf([("hot", "{}")])
         assert await answer(conn, token) == b"v3"
 
 
@@ -168,7 +168,7 @@ async def test_a_module_that_raises_on_import_keeps_the_old_one(
         with caplog.at_level(logging.ERROR, logger="a6.reload"):
             assert not reloader.check_once()
         assert "RuntimeError: no database" in caplog.text
-        assert await answer(conn, await conn.prepare_conf([("hot", "")])) == b"v1"
+        assert await answer(conn, await conn.prepare_conf([("hot", "{}")])) == b"v1"
 
 
 async def test_two_plugins_with_one_name_keep_the_old_ones(
@@ -181,7 +181,7 @@ async def test_two_plugins_with_one_name_keep_the_old_ones(
         with caplog.at_level(logging.ERROR, logger="a6.reload"):
             assert not reloader.check_once()
         assert "two plugins are named 'hot'" in caplog.text
-        assert await answer(conn, await conn.prepare_conf([("hot", "")])) == b"v1"
+        assert await answer(conn, await conn.prepare_conf([("hot", "{}")])) == b"v1"
 
 
 async def test_a_changed_helper_module_is_imported_again_with_its_plugin(
@@ -203,11 +203,11 @@ async def test_a_changed_helper_module_is_imported_again_with_its_plugin(
     config = reload_config(sock_dir, plugin_dir)
     async with serving(config) as server, await connect(config) as conn:
         reloader = reloader_for(config, server.dispatcher)
-        assert await answer(conn, await conn.prepare_conf([("hot", "")])) == b"hello"
+        assert await answer(conn, await conn.prepare_conf([("hot", "{}")])) == b"hello"
         (plugin_dir / "hot_helper.py").write_text("GREETING = 'bonjour'\n")
         bump_mtime(plugin_dir / "hot_helper.py")
         assert reloader.check_once()
-        assert await answer(conn, await conn.prepare_conf([("hot", "")])) == b"bonjour"
+        assert await answer(conn, await conn.prepare_conf([("hot", "{}")])) == b"bonjour"
 
 
 async def test_reload_now_imports_again_without_a_change_and_keeps_the_old_modules(
@@ -227,7 +227,7 @@ async def test_reload_now_imports_again_without_a_change_and_keeps_the_old_modul
         assert new.__module__ != old.__module__
         assert sys.modules[old.__module__].Hot is old
         assert not reloader.check_once()  # reload_now saw the files as they are
-        assert await answer(conn, await conn.prepare_conf([("hot", "")])) == b"v1"
+        assert await answer(conn, await conn.prepare_conf([("hot", "{}")])) == b"v1"
 
 
 async def test_a_deleted_plugin_is_gone_after_reload(sock_dir: Path, plugin_dir: Path) -> None:
@@ -238,11 +238,11 @@ async def test_a_deleted_plugin_is_gone_after_reload(sock_dir: Path, plugin_dir:
     config = reload_config(sock_dir, plugin_dir)
     async with serving(config) as server, await connect(config) as conn:
         reloader = reloader_for(config, server.dispatcher)
-        assert await answer(conn, await conn.prepare_conf([("other", "")])) == b"other"
+        assert await answer(conn, await conn.prepare_conf([("other", "{}")])) == b"other"
         (plugin_dir / "other.py").unlink()
         assert reloader.check_once()
         with pytest.raises(RunnerError) as info:
-            await conn.prepare_conf([("other", "")])
+            await conn.prepare_conf([("other", "{}")])
         assert info.value.code == ErrCode.BAD_REQUEST
 
 
@@ -280,7 +280,7 @@ async def test_a_call_in_flight_finishes_with_the_code_it_started_with(
     config = reload_config(sock_dir, plugin_dir)
     async with serving(config) as server, await connect(config) as conn:
         reloader = reloader_for(config, server.dispatcher)
-        in_flight = asyncio.create_task(conn.req_call(await conn.prepare_conf([("hot", "")])))
+        in_flight = asyncio.create_task(conn.req_call(await conn.prepare_conf([("hot", "{}")])))
         assert await eventually(entered.exists)
         write_plugin(plugin_dir, "new code")
         assert reloader.check_once()
@@ -288,7 +288,7 @@ async def test_a_call_in_flight_finishes_with_the_code_it_started_with(
         reply = await in_flight
         assert isinstance(reply.action, Stop)
         assert reply.action.body == b"old code"
-        assert await answer(conn, await conn.prepare_conf([("hot", "")])) == b"new code"
+        assert await answer(conn, await conn.prepare_conf([("hot", "{}")])) == b"new code"
 
 
 async def test_the_reloader_task_polls_on_its_own(sock_dir: Path, plugin_dir: Path) -> None:
@@ -322,12 +322,12 @@ def test_run_with_reload_serves_an_edited_plugin_without_a_restart(
     async def drive() -> None:
         await wait_for_socket(str(sock))
         async with await Connection.open(str(sock)) as conn:
-            assert await answer(conn, await conn.prepare_conf([("hot", "")])) == b"v1"
+            assert await answer(conn, await conn.prepare_conf([("hot", "{}")])) == b"v1"
             write_plugin(plugin_dir, "v2")
             async with asyncio.timeout(10):
                 while True:
                     try:
-                        if await answer(conn, await conn.prepare_conf([("hot", "")])) == b"v2":
+                        if await answer(conn, await conn.prepare_conf([("hot", "{}")])) == b"v2":
                             return
                     except RunnerError:
                         pass
