@@ -46,6 +46,7 @@ def build_dispatcher(
         cache,
         max_frame_size=config.max_frame_size,
         executor=executor,
+        state=state,
     )
 
 
