@@ -186,8 +186,9 @@ def log_lines(output: str, text: str) -> list[str]:
 
 
 @needs_redis
+@pytest.mark.parametrize("how", ["killed", "silent"])
 async def test_redis_gone_mid_run_answers_with_each_routes_choice_then_recovers(
-    sock_dir: Path, redis: RedisServer
+    sock_dir: Path, redis: RedisServer, how: str
 ) -> None:
     url = redis.url(timeout="0.2", connect_timeout="0.2", retry_interval="0.1")
     sock = sock_dir / "runner.sock"
@@ -206,14 +207,23 @@ async def test_redis_gone_mid_run_answers_with_each_routes_choice_then_recovers(
 
             assert passed([await answer(closed) for _ in range(BURST + 1)]) == BURST
 
-            redis.kill()
+            # Killed: connections refused. Silent (SIGSTOP): connections accepted and
+            # never answered, which only the state's own timeouts bound.
+            if how == "killed":
+                redis.kill()
+            else:
+                redis.pause()
             for _ in range(3 * BURST):
                 assert await answer(open_) is None  # fail open: every call passes
                 stop = await answer(closed)  # fail closed: refused, not a plugin error
                 assert stop is not None
                 assert stop.status == 503
 
-            redis.start()  # empty: no persistence, the buckets start full again
+            # Killed and started again, it is empty (no persistence): buckets start full.
+            if how == "killed":
+                redis.start()
+            else:
+                redis.resume()
 
             async def back() -> bool:
                 return await answer(closed, "dave") is None
