@@ -75,10 +75,11 @@ async def serve(
     # reload keeps the old plugins serving; the reloader logs one line either way.
     loop.add_signal_handler(signal.SIGHUP, reload_on_signal, reloader)
     log.info(
-        "a6-runner %s listening on unix:%s (pid %d; plugins: %s)",
+        "a6-runner %s listening on unix:%s (pid %d; state %s; plugins: %s)",
         __version__,
         config.socket_path,
         os.getpid(),
+        dispatcher.state.location,
         ", ".join(dispatcher.registry.names()) or "none",
     )
     if ready is not None:

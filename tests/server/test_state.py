@@ -47,6 +47,18 @@ async def test_the_workers_local_state_file_lives_as_long_as_the_runner(sock_dir
     assert not path.parent.exists()
 
 
+async def test_a_single_runners_local_state_file_lives_as_long_as_the_runner(
+    sock_dir: Path,
+) -> None:
+    sock = sock_dir / "runner.sock"
+    async with running(sock) as runner:
+        path = state_file(runner.output)
+        assert path.exists()
+        runner.signal(signal.SIGTERM)
+        assert await runner.exit_status() == 0
+    assert not path.parent.exists()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_state_file_that_cannot_be_made_stops_the_start_in_one_line(
     sock_dir: Path, workers: str
