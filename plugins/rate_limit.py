@@ -8,8 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from runner.plugin import ConfigError, Plugin, Request
-from runner.state import State
+from runner.plugin import ConfigError, Plugin, Request, State
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from runner.core.calls import (
 )
 from runner.core.configschema import ConfigError
 from runner.protocol.messages import Entry, InfoKind, Stop
-from runner.state import State, StateStore
+from runner.state import State, StateStore, StateUnavailable, Take
 
 __all__ = [
     "Args",
@@ -51,6 +51,10 @@ __all__ = [
     "Request",
     "Response",
     "ResponseHeaders",
+    # The shared state's types, so that a plugin imports everything from here.
+    "State",
+    "StateUnavailable",
+    "Take",
 ]
 
 ConfigT = TypeVar("ConfigT")
