@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.protocol.messages import Stop
-from runner.tools.client import Connection
-from tests.server.test_process import RunnerProcess, conf, startup_failure
+from runner.protocol.messages import ErrCode, Stop
+from runner.tools.client import Connection, RunnerError
+from tests.server.test_process import RunnerProcess, conf, startup_failure, until_logged
 from tests.server.test_workers import (
     MAX_CONNECTIONS_TO_SPREAD,
     running,
@@ -245,3 +245,21 @@ async def test_redis_gone_mid_run_answers_with_each_routes_choice_then_recovers(
     assert len(lost) == 1, runner.output
     assert str(redis.socket) in lost[0]
     assert len(log_lines(runner.output, "is back after")) == 1, runner.output
+
+
+async def test_buckets_outlive_a_plugin_reload(sock_dir: Path) -> None:
+    # SIGHUP retires every prepared conf and its plugin instances; the gateway prepares
+    # the route again (same conf key), and the new instances find the same buckets.
+    sock = sock_dir / "runner.sock"
+    async with running(sock) as runner:
+        conn = await Connection.open(str(sock))
+        async with conn:
+            token = await conn.prepare_conf([rate_limit()], ROUTE)
+            assert passed(await call_all([(conn, token)], CALLS, "erin")) == BURST
+            runner.signal(signal.SIGHUP)
+            await until_logged(runner, "reloaded plugins")
+            with pytest.raises(RunnerError) as retired:
+                await conn.req_call(token)
+            assert retired.value.code == ErrCode.CONF_TOKEN_NOT_FOUND
+            again = await conn.prepare_conf([rate_limit()], ROUTE)
+            assert passed(await call_all([(conn, again)], CALLS, "erin")) == 0
