@@ -487,9 +487,20 @@ class Request(_Call[RequestEdits]):
             checked: tuple[tuple[str, str], ...] = ()
         else:
             pairs = headers.items() if isinstance(headers, Mapping) else headers
-            checked = tuple(
-                (_check_text("header name", n), _check_text("header value", v)) for n, v in pairs
-            )
+            out = []
+            for name, value in pairs:
+                # _check_text, inlined for the usual clean pair; it says what is wrong.
+                if (
+                    type(name) is not str
+                    or type(value) is not str
+                    or "\r" in (both := name + value)
+                    or "\n" in both
+                    or "\0" in both
+                ):
+                    _check_text("header name", name)
+                    _check_text("header value", value)
+                out.append((name, value))
+            checked = tuple(out)
         self._edits.stop = Stop(status, checked, _as_bytes(body))
 
     @property
