@@ -21,6 +21,7 @@ from typing import Any
 
 from runner.core.cache import conf_ttl
 from runner.protocol.frame import MAX_PAYLOAD
+from runner.state import DEFAULT_STATE_URL, check_state_url
 
 DEFAULT_SOCKET = "/tmp/runner.sock"
 ENV_PREFIX = "A6_RUNNER_"
@@ -211,6 +212,12 @@ def unix_socket_address(addr: str) -> None:
         )
 
 
+def state_url(url: str) -> None:
+    # Only how the URL is written: whether its file can be made or its Redis answers
+    # shows when the runner opens the store (a start-up failure) or uses it.
+    check_state_url(url)
+
+
 def _no_check(_value: Any) -> None:
     pass
 
@@ -369,6 +376,16 @@ class Config:
         help="Worker processes serving the socket; auto: one per CPU this process may "
         "run on. With more than 1, a supervisor binds the socket, forks the workers and "
         "replaces any that dies.",
+    )
+    state_url: str = setting(
+        DEFAULT_STATE_URL,
+        metavar="URL",
+        parse=parse_str,
+        check=state_url,
+        help="Where plugins keep shared state (counters, rate-limit buckets): local:// "
+        "(every worker of this runner, on this node), redis://host:port/db, rediss://..., "
+        "unix:///path/redis.sock (every runner on that Redis) or memory:// (each process "
+        "its own).",
     )
 
     @property

@@ -22,7 +22,13 @@ from runner.core.calls import (
     encode_request_reply,
     encode_response_reply,
 )
-from runner.core.chain import Chain, PluginFailed, finish_steps, run_plain_steps
+from runner.core.chain import (
+    Chain,
+    PluginFailed,
+    finish_steps,
+    route_namespace,
+    run_plain_steps,
+)
 from runner.core.errors import (
     BadRequest,
     ConfRejected,
@@ -41,6 +47,7 @@ from runner.protocol.messages import (
     encode_error,
     encode_prepare_conf_reply,
 )
+from runner.state import StateStore, open_state
 
 log = logging.getLogger("a6.dispatch")
 
@@ -71,9 +78,13 @@ class Dispatcher:
         *,
         max_frame_size: int = MAX_PAYLOAD,
         executor: Executor | None = None,
+        state: StateStore | None = None,
     ) -> None:
         self.registry = registry
         self.cache = cache
+        # Where the plugins' shared state lives; the server passes the runner's store
+        # (--state-url). By default this process's memory, as tests want it.
+        self.state = state if state is not None else open_state("memory://")
         self.max_frame_size = max_frame_size
         self.executor = executor
         self._by_key: dict[str, int] = {}
@@ -159,9 +170,10 @@ class Dispatcher:
         Also how a worker builds a conf another worker prepared (from the shared store).
         """
         plugins: list[Plugin[Any]] = []
+        route = route_namespace(key, conf)
         for name, raw in conf:
             try:
-                plugins.append(self.registry.create(name, raw))
+                plugins.append(self.registry.create(name, raw, self.state, route))
             except BadRequest as exc:
                 raise ConfRejected(key, exc) from exc
         return Chain.build(key, conf, plugins)

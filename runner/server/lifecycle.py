@@ -22,6 +22,7 @@ from runner.core.dispatch import Dispatcher
 from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
 from runner.server.listener import RunnerServer, StartupError, raise_open_file_limit
 from runner.server.reload import Reloader
+from runner.state import StateStore, open_state
 
 log = logging.getLogger("a6.app")
 
@@ -29,9 +30,13 @@ BLOCKING_THREADS = "a6-blocking"
 
 
 def build_dispatcher(
-    config: Config, registry: PluginRegistry, shared: SharedConfs[Chain] | None = None
+    config: Config,
+    registry: PluginRegistry,
+    state: StateStore | None = None,
+    shared: SharedConfs[Chain] | None = None,
 ) -> Dispatcher:
-    """``shared``: the conf store of a worker process (``--workers``)."""
+    """``state``: the store plugins keep their state in (default: one in this process's
+    memory, for tests); ``shared``: the conf store of a worker process (``--workers``)."""
     cache: ConfCache[Chain] = ConfCache(
         ttl=config.conf_ttl, maxsize=config.max_confs, shared=shared
     )
@@ -41,6 +46,7 @@ def build_dispatcher(
         cache,
         max_frame_size=config.max_frame_size,
         executor=executor,
+        state=state,
     )
 
 
@@ -69,10 +75,11 @@ async def serve(
     # reload keeps the old plugins serving; the reloader logs one line either way.
     loop.add_signal_handler(signal.SIGHUP, reload_on_signal, reloader)
     log.info(
-        "a6-runner %s listening on unix:%s (pid %d; plugins: %s)",
+        "a6-runner %s listening on unix:%s (pid %d; state %s; plugins: %s)",
         __version__,
         config.socket_path,
         os.getpid(),
+        dispatcher.state.location,
         ", ".join(dispatcher.registry.names()) or "none",
     )
     if ready is not None:
@@ -89,6 +96,28 @@ async def serve(
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+def open_shared_state(config: Config) -> StateStore:
+    """The runner's one state store (``--state-url``), opened before any worker is forked:
+    a ``local://`` store is then one file for all of them. Connects to nothing; a
+    store that cannot be made (a ``local:///path`` in a directory we cannot write)
+    raises StartupError."""
+    try:
+        store = open_state(config.state_url)
+    except ValueError as exc:
+        raise StartupError(f"cannot open the state store: {exc}") from None
+    log.debug("state store: %s", store.location)
+    return store
+
+
+async def close_shared_state(store: StateStore) -> None:
+    """Release this process's handle on the store; a failure is logged, never raised:
+    it must not turn a clean shutdown into a failed one."""
+    try:
+        await store.close()
+    except Exception as exc:
+        log.warning("closing the state store %s: %s", store.url, exc)
 
 
 def reload_on_signal(reloader: Reloader) -> None:
@@ -133,10 +162,22 @@ def run(config: Config) -> int:
         from runner.server.supervisor import supervise  # forks: only with --workers
 
         return supervise(config, registry)
-    dispatcher = build_dispatcher(config, registry)
     try:
-        main = serve_reloading if config.reload else serve
-        uvloop.run(main(config, dispatcher))
+        state = open_shared_state(config)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    dispatcher = build_dispatcher(config, registry, state)
+
+    async def main() -> None:
+        try:
+            await (serve_reloading if config.reload else serve)(config, dispatcher)
+        finally:
+            # On the loop that used it: a Redis client closes its connections there.
+            await close_shared_state(state)
+
+    try:
+        uvloop.run(main())
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1

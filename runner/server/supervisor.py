@@ -14,7 +14,9 @@ a signal, a worker's death, or the next sweep of the store. It serves no call.
 - SIGTERM or SIGINT: the socket file is removed, every worker gets SIGTERM and stops as
   a single runner does (stop accepting, calls in flight finish within the grace); a
   worker still alive shortly after the grace is killed, so that all is over before the
-  gateway's SIGKILL (1 s after its SIGTERM). The store goes, and the exit status is 0.
+  gateway's SIGKILL (1 s after its SIGTERM). Then the state store (``--state-url``,
+  opened before the first fork, so a ``local://`` file is one state for all workers) is
+  closed, which removes a ``local://`` file, the conf store goes, and the exit status is 0.
 - The supervisor killed with SIGKILL: each worker watches a pipe only the supervisor
   holds open; at its end-of-file the worker stops as on SIGTERM, so no process keeps
   serving a socket nobody owns (the next runner removes the stale file).
@@ -26,6 +28,7 @@ supervisor has no threads and no event loop when it forks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -43,6 +46,7 @@ from runner.core.config import Config
 from runner.core.confstore import make_store_dir, sweep
 from runner.core.logs import setup_logging
 from runner.core.registry import PluginRegistry
+from runner.server.lifecycle import close_shared_state, open_shared_state
 from runner.server.listener import (
     StartupError,
     bind_socket,
@@ -50,6 +54,7 @@ from runner.server.listener import (
     remove_socket,
 )
 from runner.server.worker import worker_main
+from runner.state import StateStore
 
 log = logging.getLogger("a6.supervisor")
 
@@ -88,6 +93,7 @@ class Supervisor:
         self._listener: socket.socket | None = None
         self._socket_id: tuple[int, int] | None = None
         self._store_dir: Path | None = None
+        self._state: StateStore | None = None
         self._sweep_interval = max(1.0, min(60.0, config.conf_ttl / 4))
         # Signals wake the wait through this pipe (signal.set_wakeup_fd).
         self._wake_r, self._wake_w = os.pipe()
@@ -104,6 +110,10 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         try:
             try:
+                # Before the first fork: every worker inherits the one store (for
+                # local://, the one file; a Redis client is made in each worker). First,
+                # so that a store that cannot be made never binds the socket.
+                self._state = open_shared_state(self.config)
                 self._listen()
             except StartupError as exc:
                 log.error("cannot start: %s", exc)
@@ -114,10 +124,11 @@ class Supervisor:
                 log.error("cannot start: cannot create the shared conf store: %s", exc)
                 return 1
             log.info(
-                "listening on unix:%s with %d workers (conf store %s; plugins: %s)",
+                "listening on unix:%s with %d workers (conf store %s; state %s; plugins: %s)",
                 self.config.socket_path,
                 len(self.slots),
                 self._store_dir,
+                self._state.location,
                 ", ".join(self.registry.names()) or "none",
             )
             for slot in self.slots:
@@ -127,6 +138,9 @@ class Supervisor:
             self._shutdown()
             return 0
         finally:
+            if self._state is not None:
+                # Last, with every worker gone: a local:// store removes its file here.
+                asyncio.run(close_shared_state(self._state))
             if self._store_dir is not None:
                 shutil.rmtree(self._store_dir, ignore_errors=True)
             if self._listener is not None:
@@ -207,6 +221,7 @@ class Supervisor:
     def _start(self, slot: WorkerSlot) -> None:
         assert self._listener is not None
         assert self._store_dir is not None
+        assert self._state is not None
         sys.stderr.flush()
         sys.stdout.flush()
         # Blocked across the fork: the child must not run our handlers (they would wake
@@ -234,6 +249,7 @@ class Supervisor:
                     self.registry,
                     self._listener,
                     self._store_dir,
+                    self._state,
                     self._alive_r,
                 )
             except BaseException:

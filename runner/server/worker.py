@@ -24,9 +24,10 @@ from runner.core.confstore import ConfStore
 from runner.core.dispatch import Dispatcher
 from runner.core.logs import setup_logging
 from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
-from runner.server.lifecycle import build_dispatcher
+from runner.server.lifecycle import build_dispatcher, close_shared_state
 from runner.server.listener import RunnerServer
 from runner.server.reload import Reloader
+from runner.state import StateStore
 
 log = logging.getLogger("a6.worker")
 
@@ -37,12 +38,16 @@ def worker_main(
     registry: PluginRegistry,
     listener: socket.socket,
     store_dir: Path,
+    state: StateStore,
     supervisor_pipe: int,
 ) -> int:
     """Run worker ``number`` until it is told to stop; its exit status.
 
-    ``supervisor_pipe`` is the read end of a pipe whose write end only the supervisor
-    holds: it reads as end-of-file once the supervisor has exited, however it died.
+    ``state`` is the supervisor's state store, opened before the fork: this worker
+    connects to it on first use and closes its own handle when it stops (the supervisor
+    closes last). ``supervisor_pipe`` is the read end of a pipe whose write end only the
+    supervisor holds: it reads as end-of-file once the supervisor has exited, however
+    it died.
     """
     setup_logging(config.log_level, f"worker {number} pid {os.getpid()}")
     if config.reload:
@@ -57,9 +62,16 @@ def worker_main(
     store = ConfStore(
         store_dir, config.conf_ttl, lambda key, conf: dispatcher.build_chain(key, conf)
     )
-    dispatcher = build_dispatcher(config, registry, shared=store)
+    dispatcher = build_dispatcher(config, registry, state, shared=store)
+
+    async def main() -> None:
+        try:
+            await serve_worker(config, dispatcher, listener, supervisor_pipe)
+        finally:
+            await close_shared_state(state)
+
     try:
-        uvloop.run(serve_worker(config, dispatcher, listener, supervisor_pipe))
+        uvloop.run(main())
     finally:
         if dispatcher.executor is not None:
             dispatcher.executor.shutdown(wait=False, cancel_futures=True)
