@@ -44,13 +44,13 @@ import asyncio
 import os
 import shutil
 import sqlite3
-import stat
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from runner.core.tmpdirs import make_private_dir, tmpfs_base
 from runner.state.model import StateUnavailable, Take, add_to_counter, take_from_bucket
 
 T = TypeVar("T")
@@ -80,33 +80,7 @@ _DIR_PREFIX = "a6-state-"
 
 
 def _tmpfs() -> str:
-    shm = "/dev/shm"
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
-
-
-def _remove_orphans(base: Path) -> None:
-    """Remove our user's temporary state directories whose creator is gone: a runner
-    killed with SIGKILL cannot remove its own, and tmpfs is memory."""
-    uid = os.getuid()
-    for path in base.glob(f"{_DIR_PREFIX}*-*"):
-        try:
-            pid = int(path.name[len(_DIR_PREFIX) :].split("-", 1)[0])
-            st = path.lstat()
-        except (ValueError, OSError):
-            continue
-        if st.st_uid != uid or not stat.S_ISDIR(st.st_mode) or _alive(pid):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+    return str(tmpfs_base(Path(tempfile.gettempdir())))
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -129,10 +103,8 @@ class LocalBackend:
     ) -> None:
         self._own_dir: Path | None = None
         if path is None:
-            base = Path(_tmpfs())
-            _remove_orphans(base)
             # The creator's pid in the name is what lets a later runner find it orphaned.
-            self._own_dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=base))
+            self._own_dir = make_private_dir(_DIR_PREFIX, Path(_tmpfs()))
             path = self._own_dir / "state.db"
         self.path = path
         self.where = str(path)
