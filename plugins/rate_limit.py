@@ -1,12 +1,14 @@
-"""``rate-limit``: a token bucket per client, keyed by a gateway variable."""
+"""``rate-limit``: a token bucket per client, keyed by a gateway variable, in the
+runner's shared state (``--state-url``): one limit for every worker, and with Redis for
+every runner (gateway node) on it."""
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
+import math
 from dataclasses import dataclass
+from typing import Literal
 
-from runner.plugin import ConfigError, Plugin, Request
+from runner.plugin import ConfigError, Plugin, Request, State
 
 
 @dataclass(frozen=True)
@@ -15,45 +17,52 @@ class RateLimitConfig:
     burst: int = 1  # requests allowed at once
     key: str = "remote_addr"  # nginx variable naming the client
     status: int = 429
-    max_clients: int = 100_000  # buckets kept; the least recently seen are dropped
+    # When the state cannot be reached (Redis down): let requests through ("allow": the
+    # route stays up, unlimited) or refuse them with 503 ("deny": the limit is never
+    # exceeded, the route is down).
+    if_state_unavailable: Literal["allow", "deny"] = "allow"
+    # Routes whose configs name the same group share their buckets; without one, each
+    # route counts on its own (as APISIX's limit-count does).
+    group: str | None = None
 
     def __post_init__(self) -> None:
-        if self.rate <= 0:
-            raise ConfigError("rate", "must be positive")
+        if not (self.rate > 0 and math.isfinite(self.rate)):
+            raise ConfigError("rate", "must be a positive number")
         if self.burst < 1:
             raise ConfigError("burst", "must be at least 1")
         if not 100 <= self.status <= 599:
             raise ConfigError("status", f"{self.status} is not an HTTP status code")
+        if self.group is not None and (not self.group or ":" in self.group):
+            raise ConfigError("group", "must be a non-empty name without ':'")
 
 
 class RateLimit(Plugin[RateLimitConfig]):
-    """Answers 429 when a client (by default its address) goes over the rate.
-
-    State lives in this instance, that is per route and per runner process.
-    """
+    """Answers 429 with retry-after when a client (by default its address) goes over
+    the rate; one bucket per client and route (or group), shared by every worker."""
 
     name = "rate-limit"
 
     def __init__(self, config: RateLimitConfig) -> None:
         super().__init__(config)
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        group = config.group
+        self.buckets: State = (
+            self.route_state if group is None else self.state.namespace(f"group-{group}")
+        )
 
     async def on_request(self, request: Request) -> None:
-        client = await request.var(self.config.key) or ""
-        if not self.take(client, time.monotonic()):
-            request.stop(
-                self.config.status,
-                "rate limit exceeded\n",
-                {"retry-after": str(max(1, round(1 / self.config.rate)))},
-            )
-
-    def take(self, client: str, now: float) -> bool:
-        """Spend one token of ``client``'s bucket; False if it is empty."""
         cfg = self.config
-        tokens, last = self._buckets.pop(client, (float(cfg.burst), now))
-        tokens = min(float(cfg.burst), tokens + (now - last) * cfg.rate)
-        allowed = tokens >= 1.0
-        self._buckets[client] = (tokens - 1.0 if allowed else tokens, now)
-        if len(self._buckets) > cfg.max_clients:
-            self._buckets.popitem(last=False)
-        return allowed
+        client = await request.var(cfg.key) or ""
+        answer = await self.buckets.take(
+            client, rate=cfg.rate, burst=cfg.burst, if_unavailable=cfg.if_state_unavailable
+        )
+        if answer.allowed:
+            return
+        if answer.unavailable:
+            request.stop(503, "rate limit state unavailable\n")
+            return
+        request.stop(
+            cfg.status,
+            "rate limit exceeded\n",
+            # Whole seconds, rounded up: the client retrying then finds the token there.
+            {"retry-after": str(max(1, math.ceil(answer.retry_after)))},
+        )

@@ -50,6 +50,7 @@ from runner.core.calls import (
 from runner.core.configschema import ConfigError
 from runner.core.logs import PluginLogger, plugin_logger
 from runner.protocol.messages import Entry, InfoKind, Stop
+from runner.state import State, StateStore, StateUnavailable, Take
 
 __all__ = [
     "Args",
@@ -60,6 +61,10 @@ __all__ = [
     "Request",
     "Response",
     "ResponseHeaders",
+    # The shared state's types, so that a plugin imports everything from here.
+    "State",
+    "StateUnavailable",
+    "Take",
 ]
 
 ConfigT = TypeVar("ConfigT")
@@ -492,9 +497,20 @@ class Request(_Call[RequestEdits]):
             checked: tuple[tuple[str, str], ...] = ()
         else:
             pairs = headers.items() if isinstance(headers, Mapping) else headers
-            checked = tuple(
-                (_check_text("header name", n), _check_text("header value", v)) for n, v in pairs
-            )
+            out = []
+            for name, value in pairs:
+                # _check_text, inlined for the usual clean pair; it says what is wrong.
+                if (
+                    type(name) is not str
+                    or type(value) is not str
+                    or "\r" in (both := name + value)
+                    or "\n" in both
+                    or "\0" in both
+                ):
+                    _check_text("header name", name)
+                    _check_text("header value", value)
+                out.append((name, value))
+            checked = tuple(out)
         self._edits.stop = Stop(status, checked, _as_bytes(body))
 
     @property
@@ -646,12 +662,21 @@ class Plugin(Generic[ConfigT]):
     runner's ``--log-level`` and in its ``--log-format``, and repeated lines are held
     back like the runner's own. Log events, not requests: the gateway copies every line
     into its error.log.
+
+    An instance lives in one worker process: what it keeps in its own attributes is per
+    worker. State shared by every worker (and, on Redis, every runner) goes through
+    ``self.state`` and ``self.route_state``, there from ``__init__`` on.
     """
 
     name: ClassVar[str]
     config_type: ClassVar[Any] = None
     blocking: ClassVar[bool] = False
     log: ClassVar[_PluginLog] = _PluginLog()
+
+    # Bound by the runner (runner.core.chain.create_plugin, or runner.testing.prepare)
+    # before __init__ runs, so that __init__ may already use the state.
+    _state_store: StateStore | None = None
+    _route_namespace: str = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -662,6 +687,31 @@ class Plugin(Generic[ConfigT]):
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config
+
+    @property
+    def state(self) -> State:
+        """The plugin's shared state (``runner.state.State``): keys in the plugin's own
+        namespace (its ``name``), shared by every route that uses the plugin, by every
+        worker and, with a Redis ``--state-url``, by every runner on that Redis.
+
+        Each call is one atomic step (``incr`` never loses a count, ``take`` never lets
+        more than the bucket through); a call that cannot reach the state raises
+        ``runner.state.StateUnavailable`` within a bounded time.
+        """
+        store = self._state_store
+        if store is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no state: it was made without the runner; "
+                "in tests, make it with runner.testing.prepare()"
+            )
+        return store.for_plugin(self.name)
+
+    @property
+    def route_state(self) -> State:
+        """``state`` for this plugin's route alone: the same namespace on every worker
+        and runner that serves the route (named after the gateway's conf key: route id,
+        version and phase, so a route edited in the gateway starts afresh)."""
+        return self.state.namespace(self._route_namespace)
 
     def on_request(self, request: Request) -> Awaitable[None] | None:
         """Called for each request of a route that lists this plugin (pre-req phase)."""

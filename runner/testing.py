@@ -41,7 +41,7 @@ from urllib.parse import unquote_plus
 import uvloop
 
 from runner.core.calls import EXCLUDED_RESPONSE_HEADERS
-from runner.core.chain import Chain, PluginFailed, create_plugin
+from runner.core.chain import Chain, PluginFailed, create_plugin, route_namespace
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
 from runner.core.errors import CallTimeout, PluginConfigError
@@ -60,6 +60,7 @@ from runner.protocol.messages import (
     encode_resp_call,
 )
 from runner.server.lifecycle import build_dispatcher
+from runner.state import StateStore, open_state
 
 __all__ = [
     "CallTimeout",
@@ -90,7 +91,17 @@ Asked: TypeAlias = tuple[Literal["var", "req_body", "resp_body"], str | None]
 DEFAULT_CALL_TIMEOUT = Config().call_timeout
 
 
-def prepare(plugin: type[P], config: Any = None) -> P:
+# The route a prepared plugin serves unless the test names one.
+DEFAULT_ROUTE = "route#test"
+
+
+def prepare(
+    plugin: type[P],
+    config: Any = None,
+    *,
+    store: StateStore | None = None,
+    route: str = DEFAULT_ROUTE,
+) -> P:
     """Create ``plugin`` for one route, its config checked exactly as at PrepareConf.
 
     ``config`` is the route's config: a dict (or any JSON value), JSON text exactly as
@@ -101,6 +112,12 @@ def prepare(plugin: type[P], config: Any = None) -> P:
 
         with pytest.raises(PluginConfigError, match="field 'keys'"):
             prepare(ApiKey, {"keys": []})
+
+    The plugin's ``state`` is in ``store``: by default a store of its own in memory,
+    so two prepared plugins share nothing. Pass one store to several ``prepare`` calls
+    to let them share it, as the workers of a runner do; ``open_state("memory://",
+    clock=...)`` lets a test move time. ``route`` is the gateway's conf key of the
+    route: plugins prepared with the same route and store share ``route_state``.
     """
     if isinstance(config, str):
         raw = config  # as the gateway sends it: "" is refused by a plugin with a config
@@ -110,7 +127,9 @@ def prepare(plugin: type[P], config: Any = None) -> P:
         raw = "" if no_config else "{}"
     else:
         raw = json.dumps(config)
-    created = create_plugin(plugin, raw)
+    if store is None:
+        store = open_state("memory://")
+    created = create_plugin(plugin, raw, store, route_namespace(route, ()))
     assert isinstance(created, plugin)
     return created
 

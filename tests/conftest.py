@@ -17,9 +17,10 @@ import uvloop
 
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
+from runner.core.registry import load_registry
 from runner.plugin import InfoSource
 from runner.protocol.messages import InfoKind
-from runner.server.lifecycle import build_dispatcher, load_registry
+from runner.server.lifecycle import build_dispatcher
 from runner.server.listener import RunnerServer
 from runner.tools.client import Connection
 

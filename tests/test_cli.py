@@ -159,6 +159,8 @@ def test_a_toml_octal_socket_mode_is_that_mode(captured: list[Config], tmp_path:
         (["--socket-mode", "999"], {}, "--socket-mode: '999' is not an octal file mode"),
         (["--call-timeout", "fast"], {}, "--call-timeout: 'fast' is not a number"),
         ([], {"A6_RUNNER_EXAMPLES": "maybe"}, "A6_RUNNER_EXAMPLES"),
+        (["--state-url", "redis://cache:six"], {}, "--state-url: state url 'redis://cache:six'"),
+        ([], {"A6_RUNNER_STATE_URL": "reddis://cache"}, "A6_RUNNER_STATE_URL: state url "),
     ],
 )
 def test_a_value_out_of_range_names_its_setting(

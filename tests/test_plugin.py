@@ -28,6 +28,9 @@ def test_the_module_exports_the_plugin_api_and_nothing_wire_level() -> None:
         "Request",
         "Response",
         "ResponseHeaders",
+        "State",
+        "StateUnavailable",
+        "Take",
     }
     for cls in (Request, Response, Headers, Args, Plugin):
         public = {name for name in dir(cls) if not name.startswith("_")}

@@ -17,8 +17,8 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_mypy_strict_is_clean_on_runner_and_plugins() -> None:
-    result = run(sys.executable, "-m", "mypy", "runner", "plugins")
+def test_mypy_strict_is_clean_on_runner_plugins_and_tests() -> None:
+    result = run(sys.executable, "-m", "mypy", "runner", "plugins", "tests")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

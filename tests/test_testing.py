@@ -13,6 +13,7 @@ import pytest
 
 from runner.plugin import ConfigError, Plugin, Request, Response
 from runner.server.lifecycle import BLOCKING_THREADS
+from runner.state import open_state
 from runner.testing import (
     CallTimeout,
     PluginConfigError,
@@ -360,3 +361,33 @@ def test_the_guides_testing_example_runs_as_written() -> None:
     assert len(tests) == 3
     for test in tests:
         test()
+
+
+def test_the_guides_shared_state_example_counts_across_instances() -> None:
+    # docs/plugin-guide.md's shared-state plugin, as written, on one store for two
+    # instances of one route (two workers) and one of another route.
+    guide = (Path(__file__).parent.parent / "docs" / "plugin-guide.md").read_text()
+    section = guide.split("### Shared state", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "plugin-guide.md", "exec"), namespace)
+    visits = namespace["Visits"]
+    store = open_state("memory://")
+    workers = [prepare(visits, store=store, route="route#1") for _ in range(2)]
+    other_route = prepare(visits, store=store, route="route#2")
+    seen = [run_request(plugin).request.headers.get("x-visits") for plugin in workers * 2]
+    assert seen == ["1", "2", "3", "4"]
+    assert run_request(other_route).request.headers.get("x-visits") == "1"
+
+
+def test_a_plugin_made_without_the_runner_says_how_to_get_its_state() -> None:
+    class Counter(Plugin[None]):
+        name = "counter"
+
+        async def on_request(self, request: Request) -> None:
+            await self.state.incr("n")
+
+    with pytest.raises(RuntimeError, match=r"runner.testing.prepare\(\)"):
+        _ = Counter(None).state
+    # The same class through prepare: a state of its own, in memory.
+    assert run_request(prepare(Counter)).passed

@@ -10,7 +10,9 @@ of the chain back to the same loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
+import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from runner.core.configschema import ConfigError, load_config
 from runner.core.errors import BadRequest, PluginConfigError
 from runner.plugin import Plugin, Request, Response
 from runner.protocol.messages import MalformedMessage
+from runner.state import StateStore
 
 # Raised through a plugin by the ExtraInfo channel: the gateway's fault, not the plugin's.
 _GATEWAY_FAULTS = (BadRequest, MalformedMessage)
@@ -41,15 +44,41 @@ class PluginFailed(Exception):
 # ----------------------------------------------------------------- plugin classes
 
 
-def create_plugin(cls: type[Plugin[Any]], raw_config: str) -> Plugin[Any]:
+def create_plugin(
+    cls: type[Plugin[Any]], raw_config: str, state: StateStore, route: str
+) -> Plugin[Any]:
     """Check a route's JSON config against ``cls``'s declaration and create the plugin
-    instance for that route; a refused config raises :class:`PluginConfigError`."""
+    instance for that route, its ``state`` in ``state`` and its ``route_state`` in the
+    namespace ``route`` (see ``route_namespace``); a refused config raises
+    :class:`PluginConfigError`."""
     try:
-        return cls(load_config(cls.config_type, raw_config))
+        config = load_config(cls.config_type, raw_config)
+        # The state is bound before __init__ runs, so that __init__ may use it (to make
+        # a namespace), while plugins keep their one-argument constructor.
+        plugin = cls.__new__(cls)
+        plugin._state_store = state
+        plugin._route_namespace = route
+        cls.__init__(plugin, config)
+        return plugin
     except ConfigError as exc:
         raise PluginConfigError(cls.name, str(exc)) from None
     except (ValueError, TypeError) as exc:
         raise PluginConfigError(cls.name, str(exc) or type(exc).__name__) from exc
+
+
+def route_namespace(key: str, conf: Sequence[tuple[str, str]]) -> str:
+    """The name of a route's state namespace (``Plugin.route_state``), the same on every
+    worker and every runner that serves the route.
+
+    From the gateway's conf key (route type, id and version, and the phase), which is
+    the same on every gateway node reading one etcd; if the gateway sent none, from the
+    conf itself, so routes with identical confs then share it. Hashed: a key may hold
+    ``":"``, which a namespace may not, and has no bound on its length.
+    """
+    basis = key if key else json.dumps(list(conf))
+    # surrogatepass: a key that was not UTF-8 on the wire arrives with surrogates.
+    digest = hashlib.blake2b(basis.encode("utf-8", "surrogatepass"), digest_size=8)
+    return "route-" + digest.hexdigest()
 
 
 def implements(cls: type[Plugin[Any]], hook: str) -> bool:
@@ -221,6 +250,7 @@ __all__ = [
     "finish_steps",
     "hook_kind",
     "implements",
+    "route_namespace",
     "run_plain_steps",
     "summary",
 ]

@@ -22,6 +22,7 @@ from typing import Any
 
 from runner.core.cache import conf_ttl
 from runner.protocol.frame import MAX_PAYLOAD
+from runner.state import DEFAULT_STATE_URL, check_state_url
 
 DEFAULT_SOCKET = "/tmp/runner.sock"
 ENV_PREFIX = "A6_RUNNER_"
@@ -281,6 +282,12 @@ def unix_socket_address(addr: str) -> None:
         )
 
 
+def state_url(url: str) -> None:
+    # Only how the URL is written: whether its file can be made or its Redis answers
+    # shows when the runner opens the store (a start-up failure) or uses it.
+    check_state_url(url)
+
+
 def _no_check(_value: Any) -> None:
     pass
 
@@ -471,6 +478,16 @@ class Config:
         help="Trace each call with OpenTelemetry (pip install 'a6-runner[otel]'), "
         "continuing the request's traceparent; export over OTLP as the standard OTEL_* "
         "environment variables say.",
+    )
+    state_url: str = setting(
+        DEFAULT_STATE_URL,
+        metavar="URL",
+        parse=parse_str,
+        check=state_url,
+        help="Where plugins keep shared state (counters, rate-limit buckets): local:// "
+        "(every worker of this runner, on this node), redis://host:port/db, rediss://..., "
+        "unix:///path/redis.sock (every runner on that Redis) or memory:// (each process "
+        "its own).",
     )
 
     @property

@@ -43,14 +43,12 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import stat
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from runner.core.chain import Chain
+from runner.core.tmpdirs import make_private_dir, tmpfs_base
 
 log = logging.getLogger("a6.confstore")
 
@@ -158,35 +156,7 @@ def make_store_dir(socket_path: Path) -> Path:
     On tmpfs (``/dev/shm``) when it is writable, else beside the socket. Directories
     left by supervisors that no longer run (killed with SIGKILL) are removed first.
     """
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else socket_path.parent
-    remove_orphans(base)
-    return Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=base))
-
-
-def remove_orphans(base: Path) -> None:
-    """Remove our user's store directories in ``base`` whose supervisor is gone."""
-    uid = os.getuid()
-    for path in base.glob(f"{DIR_PREFIX}*-*"):
-        try:
-            pid = int(path.name[len(DIR_PREFIX) :].split("-", 1)[0])
-            st = path.lstat()
-        except (ValueError, OSError):
-            continue
-        if st.st_uid != uid or not stat.S_ISDIR(st.st_mode) or _alive(pid):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        log.info("removed the conf store %s of a runner that is gone", path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+    return make_private_dir(DIR_PREFIX, tmpfs_base(socket_path.parent))
 
 
 def sweep(directory: Path, ttl: float, now: float | None = None) -> tuple[int, int]:

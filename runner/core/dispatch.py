@@ -23,7 +23,15 @@ from runner.core.calls import (
     encode_request_reply,
     encode_response_reply,
 )
-from runner.core.chain import Chain, Hook, HookKind, PluginFailed, finish_steps, run_plain_steps
+from runner.core.chain import (
+    Chain,
+    Hook,
+    HookKind,
+    PluginFailed,
+    finish_steps,
+    route_namespace,
+    run_plain_steps,
+)
 from runner.core.errors import (
     BadRequest,
     CallTimeout,
@@ -53,6 +61,7 @@ from runner.protocol.messages import (
     encode_error,
     encode_prepare_conf_reply,
 )
+from runner.state import StateStore, open_state
 
 if TYPE_CHECKING:
     from runner.core.tracing import CallTracer
@@ -90,9 +99,13 @@ class Dispatcher:
         executor: Executor | None = None,
         metrics: Metrics | None = None,
         tracer: CallTracer | None = None,
+        state: StateStore | None = None,
     ) -> None:
         self.registry = registry
         self.cache = cache
+        # Where the plugins' shared state lives; the server passes the runner's store
+        # (--state-url). By default this process's memory, as tests want it.
+        self.state = state if state is not None else open_state("memory://")
         self.max_frame_size = max_frame_size
         self.executor = executor
         # Observers of the calls (--metrics-listen, --tracing). Without either, a call
@@ -199,9 +212,10 @@ class Dispatcher:
         Also how a worker builds a conf another worker prepared (from the shared store).
         """
         plugins: list[Plugin[Any]] = []
+        route = route_namespace(key, conf)
         for name, raw in conf:
             try:
-                plugin = self.registry.create(name, raw)
+                plugin = self.registry.create(name, raw, self.state, route)
             except BadRequest as exc:
                 raise ConfRejected(key, exc) from exc
             # Plugin.log, naming the route this instance serves (it serves only that one).

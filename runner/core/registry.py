@@ -30,6 +30,7 @@ from runner.core.chain import create_plugin
 from runner.core.config import Config
 from runner.core.errors import UnknownPlugin
 from runner.plugin import Plugin
+from runner.state import StateStore
 
 log = logging.getLogger("a6.registry")
 
@@ -247,8 +248,9 @@ class PluginRegistry:
     def get(self, name: str) -> type[Plugin[Any]] | None:
         return self._plugins.get(name)
 
-    def create(self, name: str, raw_config: str) -> Plugin[Any]:
-        """A plugin instance for one route: its config checked, or an error naming why."""
+    def create(self, name: str, raw_config: str, state: StateStore, route: str) -> Plugin[Any]:
+        """A plugin instance for one route: its config checked, or an error naming why;
+        ``state`` and ``route`` as for ``create_plugin``."""
         cls = self._plugins.get(name)
         if cls is None:
             error = UnknownPlugin(name, sorted(self._plugins))
@@ -256,7 +258,7 @@ class PluginRegistry:
                 failed = "; ".join(f"{k}: {v}" for k, v in self.import_errors.items())
                 error.args = (f"{error.args[0]}; modules that failed to import: {failed}",)
             raise error
-        return create_plugin(cls, raw_config)
+        return create_plugin(cls, raw_config, state, route)
 
     def origin(self, name: str) -> str:
         return self._origins[name]

@@ -232,6 +232,10 @@ _PASS_THROUGH_HEAD: Final = fb.build(((0, fb.U32, 0),))[:-4]  # all of it but th
 # and table (a body follows as a [ubyte] vector).
 _STOP_BARE: Final = struct.Struct("<IHHHHHxxiIIIHHHxxiI")
 _STOP_WITH_BODY: Final = struct.Struct("<IHHHHHxxiIIIHHHHHxxiII")
+# A Stop with headers, without and with a body: the Resp, then the Stop's vtable and
+# table; the header vector (and the body vector) follow.
+_STOP_HEADERS: Final = struct.Struct("<IHHHHHxxiIIIHHHHiII")
+_STOP_HEADERS_BODY: Final = struct.Struct("<IHHHHHxxiIIIHHHHHxxiIII")
 
 
 def encode_req_call_reply(call_id: int, action: Stop | Rewrite | None) -> bytes:
@@ -259,11 +263,21 @@ def _encode_stop(call_id: int, stop: Stop) -> bytes:
             16, 10, 16, 4, 8, 12, 12, call_id, 1, 16, 10, 12, 4, 0, 8, 12, status, 4
         )
         return b"".join((head, _pack_u32(len(body)), body, fb.BYTES_PAD[len(body) & 3]))
-    headers = (fb.entries_blob(stop.headers), 0)
-    fields: list[tuple[int, int | fb.Child]] = [(0, status), (1, headers)]
-    if body:
-        fields.append((2, (fb.bytes_blob(body), 0)))
-    return _resp_with_action(call_id, _ACTION_STOP, fb.table_blob(fields))
+    # With headers: the Resp and the Stop table in one pack, then the header vector (and
+    # the body's): the layout table_blob gives, without its per-field loop.
+    entries = fb.entries_blob(stop.headers)
+    if not body:
+        # Stop table at 40 (uoffset 12): [status, headers -> right after the table].
+        head = _STOP_HEADERS.pack(
+            16, 10, 16, 4, 8, 12, 12, call_id, 1, 12, 8, 12, 4, 8, 8, status, 4
+        )
+        return head + entries
+    # Stop table at 44 (uoffset 16): [status, headers, body after the header vector].
+    head = _STOP_HEADERS_BODY.pack(
+        16, 10, 16, 4, 8, 12, 12, call_id, 1, 16, 10, 16, 4, 8, 12, 12, status, 8,
+        4 + len(entries),
+    )  # fmt: skip
+    return b"".join((head, entries, _pack_u32(len(body)), body, fb.BYTES_PAD[len(body) & 3]))
 
 
 def _encode_rewrite(call_id: int, rw: Rewrite) -> bytes:

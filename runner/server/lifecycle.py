@@ -24,6 +24,7 @@ from runner.core.metrics import Metrics
 from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
 from runner.server.listener import RunnerServer, StartupError, raise_open_file_limit
 from runner.server.reload import Reloader
+from runner.state import StateStore, open_state
 
 if TYPE_CHECKING:
     from runner.core.tracing import CallTracer
@@ -37,12 +38,15 @@ BLOCKING_THREADS = "a6-blocking"
 def build_dispatcher(
     config: Config,
     registry: PluginRegistry,
+    state: StateStore | None = None,
     shared: SharedConfs[Chain] | None = None,
     metrics: Metrics | None = None,
     tracer: CallTracer | None = None,
 ) -> Dispatcher:
-    """``shared``: the conf store of a worker process (``--workers``); ``metrics``: the
-    process's counters (``--metrics-listen``); ``tracer``: its spans (``--tracing``)."""
+    """``state``: the store plugins keep their state in (default: one in this process's
+    memory, for tests); ``shared``: the conf store of a worker process (``--workers``);
+    ``metrics``: the process's counters (``--metrics-listen``); ``tracer``: its spans
+    (``--tracing``)."""
     cache: ConfCache[Chain] = ConfCache(
         ttl=config.conf_ttl, maxsize=config.max_confs, shared=shared, metrics=metrics
     )
@@ -54,6 +58,7 @@ def build_dispatcher(
         executor=executor,
         metrics=metrics,
         tracer=tracer,
+        state=state,
     )
 
 
@@ -86,10 +91,11 @@ async def serve(
     # reload keeps the old plugins serving; the reloader logs one line either way.
     loop.add_signal_handler(signal.SIGHUP, reload_on_signal, reloader)
     log.info(
-        "a6-runner %s listening on unix:%s (pid %d; plugins: %s)",
+        "a6-runner %s listening on unix:%s (pid %d; state %s; plugins: %s)",
         __version__,
         config.socket_path,
         os.getpid(),
+        dispatcher.state.location,
         ", ".join(dispatcher.registry.names()) or "none",
     )
     if ready is not None:
@@ -150,6 +156,28 @@ def start_status(config: Config, metrics: Metrics) -> tuple[Health, StatusServer
     return health, status
 
 
+def open_shared_state(config: Config) -> StateStore:
+    """The runner's one state store (``--state-url``), opened before any worker is forked:
+    a ``local://`` store is then one file for all of them. Connects to nothing; a
+    store that cannot be made (a ``local:///path`` in a directory we cannot write)
+    raises StartupError."""
+    try:
+        store = open_state(config.state_url)
+    except ValueError as exc:
+        raise StartupError(f"cannot open the state store: {exc}") from None
+    log.debug("state store: %s", store.location)
+    return store
+
+
+async def close_shared_state(store: StateStore) -> None:
+    """Release this process's handle on the store; a failure is logged, never raised:
+    it must not turn a clean shutdown into a failed one."""
+    try:
+        await store.close()
+    except Exception as exc:
+        log.warning("closing the state store %s: %s", store.url, exc)
+
+
 def reload_on_signal(reloader: Reloader) -> None:
     try:
         reloader.reload()
@@ -208,6 +236,11 @@ def run(config: Config) -> int:
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 2
+    try:
+        state = open_shared_state(config)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     metrics: Metrics | None = None
     health: Health | None = None
     status: StatusServer | None = None
@@ -218,12 +251,20 @@ def run(config: Config) -> int:
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             return 1
-    dispatcher = build_dispatcher(config, registry, metrics=metrics, tracer=tracer)
+    dispatcher = build_dispatcher(config, registry, state, metrics=metrics, tracer=tracer)
+
+    async def main() -> None:
+        try:
+            if config.reload:
+                await serve_reloading(config, dispatcher, health, metrics)
+            else:
+                await serve(config, dispatcher, health=health, metrics=metrics)
+        finally:
+            # On the loop that used it: a Redis client closes its connections there.
+            await close_shared_state(state)
+
     try:
-        if config.reload:
-            uvloop.run(serve_reloading(config, dispatcher, health, metrics))
-        else:
-            uvloop.run(serve(config, dispatcher, health=health, metrics=metrics))
+        uvloop.run(main())
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -16,7 +16,8 @@ leaves the old ones as they were: calls in flight finish with them, and after a
 failed reload they serve on.
 
 Meant for development: each reload re-runs every plugin module's top-level code,
-drops per-route plugin state (rate-limit buckets, caches) and keeps the previous
+drops what plugin instances keep in their attributes (state kept through
+``Plugin.state`` lives on in the state store) and keeps the previous
 versions' modules in memory. ``reload_plugins`` also serves a reload on request
 (SIGHUP), without watching.
 """

@@ -14,7 +14,9 @@ a signal, a worker's death, or the next sweep of the store. It serves no call.
 - SIGTERM or SIGINT: the socket file is removed, every worker gets SIGTERM and stops as
   a single runner does (stop accepting, calls in flight finish within the grace); a
   worker still alive shortly after the grace is killed, so that all is over before the
-  gateway's SIGKILL (1 s after its SIGTERM). The store goes, and the exit status is 0.
+  gateway's SIGKILL (1 s after its SIGTERM). Then the state store (``--state-url``,
+  opened before the first fork, so a ``local://`` file is one state for all workers) is
+  closed, which removes a ``local://`` file, the conf store goes, and the exit status is 0.
 - The supervisor killed with SIGKILL: each worker watches a pipe only the supervisor
   holds open; at its end-of-file the worker stops as on SIGTERM, so no process keeps
   serving a socket nobody owns (the next runner removes the stale file).
@@ -26,6 +28,7 @@ supervisor has no threads and no event loop when it forks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -51,6 +54,8 @@ from runner.core.metrics import (
     without_gauges,
 )
 from runner.core.registry import PluginRegistry
+from runner.core.tmpdirs import make_private_dir
+from runner.server.lifecycle import close_shared_state, open_shared_state
 from runner.server.listener import (
     StartupError,
     bind_socket,
@@ -58,6 +63,7 @@ from runner.server.listener import (
     remove_socket,
 )
 from runner.server.worker import worker_main
+from runner.state import StateStore
 
 if TYPE_CHECKING:
     from runner.server.status import StatusServer
@@ -66,14 +72,18 @@ log = logging.getLogger("a6.supervisor")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 
+METRICS_DIR_PREFIX = "a6-runner-metrics-"
+
 # A worker that lived less than this is failing at start: restart it after a delay.
 FAST_FAILURE = 1.0
 MAX_RESTART_DELAY = 5.0
 
 # After the grace, workers abort their last connections and exit at once; this is how
-# long the supervisor waits for that before killing them (the gateway kills us 1 s after
-# its SIGTERM, with the default grace of 0.5 s).
-EXIT_MARGIN = 0.3
+# long the supervisor waits for that before killing them. The gateway kills us 1 s after
+# its SIGTERM: with the default grace of 0.7 s this ends at 0.95 s, and the socket file
+# was removed first, so even a SIGKILL just then leaves nothing a new runner trips on (an
+# orphaned conf store is swept at the next start; workers exit when our pipe closes).
+EXIT_MARGIN = 0.25
 
 
 @dataclass
@@ -103,6 +113,7 @@ class Supervisor:
         self._status: StatusServer | None = None
         self._retired: Snapshot = {}
         self._restarts: dict[str, int] = {}
+        self._state: StateStore | None = None
         self._sweep_interval = max(1.0, min(60.0, config.conf_ttl / 4))
         # Signals wake the wait through this pipe (signal.set_wakeup_fd).
         self._wake_r, self._wake_w = os.pipe()
@@ -119,6 +130,10 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         try:
             try:
+                # Before the first fork: every worker inherits the one store (for
+                # local://, the one file; a Redis client is made in each worker). First,
+                # so that a store that cannot be made never binds the socket.
+                self._state = open_shared_state(self.config)
                 self._listen()
             except StartupError as exc:
                 log.error("cannot start: %s", exc)
@@ -135,10 +150,11 @@ class Supervisor:
                     log.error("cannot start: %s", exc)
                     return 1
             log.info(
-                "listening on unix:%s with %d workers (conf store %s; plugins: %s)",
+                "listening on unix:%s with %d workers (conf store %s; state %s; plugins: %s)",
                 self.config.socket_path,
                 len(self.slots),
                 self._store_dir,
+                self._state.location,
                 ", ".join(self.registry.names()) or "none",
             )
             for slot in self.slots:
@@ -152,6 +168,9 @@ class Supervisor:
                 self._status.close()
             if self._metrics_dir is not None:
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            if self._state is not None:
+                # Last, with every worker gone: a local:// store removes its file here.
+                asyncio.run(close_shared_state(self._state))
             if self._store_dir is not None:
                 shutil.rmtree(self._store_dir, ignore_errors=True)
             if self._listener is not None:
@@ -232,6 +251,7 @@ class Supervisor:
     def _start(self, slot: WorkerSlot) -> None:
         assert self._listener is not None
         assert self._store_dir is not None
+        assert self._state is not None
         sys.stderr.flush()
         sys.stdout.flush()
         # Blocked across the fork: the child must not run our handlers (they would wake
@@ -261,6 +281,7 @@ class Supervisor:
                     self.registry,
                     self._listener,
                     self._store_dir,
+                    self._state,
                     self._alive_r,
                     self._metrics_dir,
                 )
@@ -329,10 +350,9 @@ class Supervisor:
 
         address = self.config.status_address
         assert address is not None
-        # Beside the conf store and named after it, so that the next runner removes
-        # it with the store if this supervisor is killed.
-        self._metrics_dir = store_dir.with_name(store_dir.name + "-metrics")
-        self._metrics_dir.mkdir(mode=0o700)
+        # Beside the conf store (on tmpfs), removed by the next runner if this
+        # supervisor is killed.
+        self._metrics_dir = make_private_dir(METRICS_DIR_PREFIX, store_dir.parent)
         collector = RunnerCollector(
             self._live_snapshots, lambda: self._retired, self._restart_counts
         )

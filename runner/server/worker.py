@@ -25,9 +25,10 @@ from runner.core.dispatch import Dispatcher
 from runner.core.logs import setup_logging
 from runner.core.metrics import Metrics, MetricsPublisher, snapshot_path
 from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
-from runner.server.lifecycle import build_dispatcher, load_tracing
+from runner.server.lifecycle import build_dispatcher, close_shared_state, load_tracing
 from runner.server.listener import RunnerServer, StartupError
 from runner.server.reload import Reloader
+from runner.state import StateStore
 
 log = logging.getLogger("a6.worker")
 
@@ -38,13 +39,17 @@ def worker_main(
     registry: PluginRegistry,
     listener: socket.socket,
     store_dir: Path,
+    state: StateStore,
     supervisor_pipe: int,
     metrics_dir: Path | None = None,
 ) -> int:
     """Run worker ``number`` until it is told to stop; its exit status.
 
-    ``supervisor_pipe`` is the read end of a pipe whose write end only the supervisor
-    holds: it reads as end-of-file once the supervisor has exited, however it died.
+    ``state`` is the supervisor's state store, opened before the fork: this worker
+    connects to it on first use and closes its own handle when it stops (the supervisor
+    closes last). ``supervisor_pipe`` is the read end of a pipe whose write end only the
+    supervisor holds: it reads as end-of-file once the supervisor has exited, however
+    it died.
     ``metrics_dir``: where the worker publishes its counts for the supervisor to sum.
     """
     setup_logging(config.log_level, f"worker {number} pid {os.getpid()}", config.log_format, number)
@@ -70,9 +75,18 @@ def worker_main(
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 2
-    dispatcher = build_dispatcher(config, registry, shared=store, metrics=metrics, tracer=tracer)
+    dispatcher = build_dispatcher(
+        config, registry, state, shared=store, metrics=metrics, tracer=tracer
+    )
+
+    async def main() -> None:
+        try:
+            await serve_worker(config, dispatcher, listener, supervisor_pipe, publisher)
+        finally:
+            await close_shared_state(state)
+
     try:
-        uvloop.run(serve_worker(config, dispatcher, listener, supervisor_pipe, publisher))
+        uvloop.run(main())
     finally:
         if dispatcher.executor is not None:
             dispatcher.executor.shutdown(wait=False, cancel_futures=True)

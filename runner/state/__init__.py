@@ -14,7 +14,7 @@ that Redis) or ``memory://`` (this process only). See ``api.State`` for the rule
 
 from runner.state.api import IfUnavailable, State, StateStore
 from runner.state.model import StateUnavailable, Take
-from runner.state.url import DEFAULT_STATE_URL, open_state
+from runner.state.url import DEFAULT_STATE_URL, check_state_url, open_state
 
 __all__ = [
     "DEFAULT_STATE_URL",
@@ -23,5 +23,6 @@ __all__ = [
     "StateStore",
     "StateUnavailable",
     "Take",
+    "check_state_url",
     "open_state",
 ]

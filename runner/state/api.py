@@ -34,6 +34,7 @@ class Backend(Protocol):
     """One place that keeps the state. Keys arrive with their namespace already on."""
 
     kind: str
+    where: str  # for log lines: a file, a URL without its password, "memory"
 
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl: float | None) -> None: ...
@@ -167,6 +168,12 @@ class StateStore:
     def kind(self) -> str:
         """``"memory"``, ``"local"`` or ``"redis"``."""
         return self._backend.kind
+
+    @property
+    def location(self) -> str:
+        """Where the state is, for log lines: a local store's file (``local://`` alone
+        names none), the URL (without its password) otherwise."""
+        return self._backend.where
 
     def for_plugin(self, name: str) -> State:
         """The handle for the plugin called ``name``: keys under ``"<name>:"``."""

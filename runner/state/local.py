@@ -50,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from runner.core.tmpdirs import make_private_dir, tmpfs_base
 from runner.state.model import StateUnavailable, Take, add_to_counter, take_from_bucket
 
 T = TypeVar("T")
@@ -75,9 +76,11 @@ _PUT = "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)"
 _PURGE = "DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires <= ? LIMIT ?)"
 
 
+_DIR_PREFIX = "a6-state-"
+
+
 def _tmpfs() -> str:
-    shm = "/dev/shm"
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    return str(tmpfs_base(Path(tempfile.gettempdir())))
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -100,9 +103,11 @@ class LocalBackend:
     ) -> None:
         self._own_dir: Path | None = None
         if path is None:
-            self._own_dir = Path(tempfile.mkdtemp(prefix="a6-state-", dir=_tmpfs()))
+            # The creator's pid in the name is what lets a later runner find it orphaned.
+            self._own_dir = make_private_dir(_DIR_PREFIX, Path(_tmpfs()))
             path = self._own_dir / "state.db"
         self.path = path
+        self.where = str(path)
         self._lock_timeout = lock_timeout
         self._clock = clock
         self._creator = os.getpid()

@@ -19,6 +19,7 @@ class MemoryBackend:
     """A dict of ``key -> (value, expires)``, expired entries swept by a heap of deadlines."""
 
     kind = "memory"
+    where = "this process's memory"
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock

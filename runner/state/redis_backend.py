@@ -31,7 +31,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -40,15 +39,22 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import DataError, RedisError, ResponseError
 
 from runner.state.model import StateUnavailable, Take
+from runner.state.url import (
+    DEFAULT_REDIS_CONNECT_TIMEOUT,
+    DEFAULT_REDIS_PREFIX,
+    DEFAULT_REDIS_RETRY_INTERVAL,
+    DEFAULT_REDIS_TIMEOUT,
+    redact_url,
+)
 
 log = logging.getLogger("a6.state")
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT = 0.05
-DEFAULT_CONNECT_TIMEOUT = 0.05
-DEFAULT_RETRY_INTERVAL = 0.5
-DEFAULT_PREFIX = "a6:"
+DEFAULT_TIMEOUT = DEFAULT_REDIS_TIMEOUT
+DEFAULT_CONNECT_TIMEOUT = DEFAULT_REDIS_CONNECT_TIMEOUT
+DEFAULT_RETRY_INTERVAL = DEFAULT_REDIS_RETRY_INTERVAL
+DEFAULT_PREFIX = DEFAULT_REDIS_PREFIX
 
 # KEYS[1]: the counter. ARGV[1]: the amount, ARGV[2]: TTL in ms, set only when the key has
 # no expiry (PTTL -1: just created, or set without one), which makes the TTL a window.
@@ -99,13 +105,15 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def redact(url: str) -> str:
-    """``url`` without its password, for log lines."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+def check_url(url: str) -> None:
+    """Raise ValueError if redis-py would refuse ``url`` (a bad port, db or option) when
+    it first connects. Builds a connection object without connecting it."""
+    try:
+        pool = redis.asyncio.ConnectionPool.from_url(url)
+        # What pool.make_connection() does (untyped): the options reach the class here.
+        pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"state url {redact_url(url)!r}: {exc}") from None
 
 
 class RedisBackend:
@@ -123,7 +131,7 @@ class RedisBackend:
         prefix: str = DEFAULT_PREFIX,
     ) -> None:
         self._url = url
-        self.where = redact(url)
+        self.where = redact_url(url)
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._retry_interval = retry_interval

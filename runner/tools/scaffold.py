@@ -186,7 +186,9 @@ class {cls}(Plugin[{cls}Config]):
 
     def __init__(self, config: {cls}Config) -> None:
         # One instance per route config, reused for every request of that route:
-        # prepare expensive things (compiled patterns, clients) here.
+        # prepare expensive things (compiled patterns, clients) here. Its attributes
+        # are per worker process; counters every worker shares go in the shared state:
+        # `await self.route_state.incr("hits", ttl=60)`, `await self.state.take(...)`.
         super().__init__(config)
 
     async def on_request(self, request: Request) -> None:

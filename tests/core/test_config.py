@@ -144,3 +144,12 @@ def test_a_conf_outlives_the_gateway_token_and_goes_within_twice_its_life(
 ) -> None:
     assert conf_ttl(expire) == kept
     assert expire < Config(conf_expire_time=expire).conf_ttl <= 2 * expire
+
+
+def test_a_state_url_that_cannot_work_is_refused_by_name(tmp_path: Path) -> None:
+    message = file_error(tmp_path, '[runner]\nstate_url = "redis://cache:six/0"\n')
+    assert message.startswith(f"{tmp_path / 'a6.toml'}: state_url: ")
+    assert "Port" in message
+    assert from_file(tmp_path, '[runner]\nstate_url = "unix:///r.sock?db=2"\n').state_url == (
+        "unix:///r.sock?db=2"
+    )

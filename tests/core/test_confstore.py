@@ -17,12 +17,12 @@ from runner.core.confstore import (
     DIR_PREFIX,
     ConfStore,
     make_store_dir,
-    remove_orphans,
     sweep,
 )
 from runner.core.dispatch import Dispatcher
 from runner.core.errors import BadRequest, ConfRejected
 from runner.core.registry import PluginRegistry
+from runner.core.tmpdirs import remove_orphans
 from tests.core.test_cache import FakeClock
 
 TTL = 3900.0
@@ -148,7 +148,7 @@ def test_store_directories_are_private_and_orphans_are_removed(tmp_path: Path) -
     (orphan / "1").write_text("{}")
     live = tmp_path / f"{DIR_PREFIX}{os.getpid()}-y"
     live.mkdir()
-    remove_orphans(tmp_path)
+    remove_orphans(DIR_PREFIX, tmp_path)
     assert not orphan.exists()
     assert live.exists()
 

@@ -20,9 +20,9 @@ from runner.core.errors import (
     UnknownPlugin,
     error_code_for,
 )
+from runner.core.registry import load_registry
 from runner.protocol.frame import RPC, FrameDecoder, FrameTooLarge
 from runner.protocol.messages import ErrCode, InfoKind, MalformedMessage
-from runner.server.lifecycle import load_registry
 from tests.conftest import FIXTURE_PLUGINS, handle
 from tests.refcodec import (
     StopAction,

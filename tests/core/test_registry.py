@@ -15,6 +15,7 @@ from runner.core.config import Config
 from runner.core.errors import UnknownPlugin
 from runner.core.registry import PluginLoadError, PluginRegistry, load_registry
 from runner.plugin import Plugin
+from runner.state import open_state
 from runner.testing import load_plugin, prepare, run_request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,7 +173,7 @@ def test_a_module_that_fails_to_import_is_reported_and_the_others_serve(tmp_path
     assert errors["typo.py"].startswith("SyntaxError:")
     # A route asking for a plugin that is missing hears why.
     with pytest.raises(UnknownPlugin, match="RuntimeError: no database"):
-        registry.create("broken", "")
+        registry.create("broken", "", open_state("memory://"), "route")
 
 
 def test_each_registry_imports_the_files_afresh(tmp_path: Path) -> None:

@@ -21,9 +21,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from runner.core.registry import load_registry
 from runner.core.tracing import CallTracer
 from runner.protocol.messages import ErrCode, Rewrite, Stop
-from runner.server.lifecycle import build_dispatcher, load_registry
+from runner.server.lifecycle import build_dispatcher
 from runner.server.listener import RunnerServer
 from runner.tools.client import Connection, RunnerError
 from tests.conftest import test_config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -347,11 +348,11 @@ MULTIDICT_OPS = st.lists(
 SOURCE = st.lists(st.tuples(NAMES, st.none() | VALUES), max_size=6)
 
 
-def _apply(target: object, ops: list[tuple[str, str, object]]) -> list[object]:
+def _apply(target: Any, ops: list[tuple[str, str, object]]) -> list[object]:
     reads: list[object] = []
     for op, name, value in ops:
         if op == "read":
-            reads.append((target.get(name), target.getall(name), name in target))  # type: ignore[attr-defined]
+            reads.append((target.get(name), target.getall(name), name in target))
         elif op == "setall":
             if hasattr(target, "setall"):
                 target.setall(name, value)

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ext_plugin_proto.A6.PrepareConf import Req as PrepReq
+from runner.protocol import flatbuf as fb
 from runner.protocol import messages as m
 from runner.protocol.flatbuf import Entry, MalformedMessage
 from runner.protocol.messages import InfoKind
@@ -55,7 +57,7 @@ def test_an_empty_prepare_conf_is_sent_as_no_list() -> None:
     # What the gateway sends for a route with "ext-plugin-pre-req": {}.
     payload = m.encode_prepare_conf([], "k")
     assert ref.decode_prepare_conf(payload) == ([], "k")
-    assert ref._PrepReq.Req.GetRootAs(payload, 0).ConfIsNone()
+    assert PrepReq.Req.GetRootAs(payload, 0).ConfIsNone()
     assert m.decode_prepare_conf(payload) == m.PrepareConf([], "k")
 
 
@@ -307,12 +309,12 @@ def test_too_short_or_nonsense(kind: str, payload: bytes) -> None:
 def test_unknown_action_and_info_types_are_malformed() -> None:
     sample = bytearray(DECODERS["stop"][2])
     # The action type is the only byte equal to 1 in the Resp table's second slot.
-    pos = m.fb.root_fields(bytes(sample), 3)[1]
+    pos = fb.root_fields(bytes(sample), 3)[1]
     sample[pos] = 9
     with pytest.raises(MalformedMessage, match="action type 9"):
         m.decode_req_call_reply(bytes(sample))
     query = bytearray(DECODERS["extra_info_query"][2])
-    pos = m.fb.root_fields(bytes(query), 2)[0]
+    pos = fb.root_fields(bytes(query), 2)[0]
     query[pos] = 4
     with pytest.raises(MalformedMessage, match="ExtraInfo type 4"):
         m.decode_extra_info_query(bytes(query))

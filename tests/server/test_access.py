@@ -18,7 +18,6 @@ import pytest
 from runner.core.config import Config
 from runner.protocol.frame import RPC, encode_frame
 from runner.protocol.messages import decode_prepare_conf_reply, encode_prepare_conf
-from runner.server import listener as server_module
 from runner.server.listener import StartupError
 from tests.conftest import connect, serving, test_config
 
@@ -129,7 +128,7 @@ async def test_a_failed_chown_stops_the_start_and_leaves_no_socket(
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(server_module.os, "chown", refuse)
+    monkeypatch.setattr(os, "chown", refuse)
     config = test_config(sock_dir, socket_mode=0o770, socket_group=OTHER_GROUP)
     with pytest.raises(StartupError, match=OTHER_GROUP):
         async with serving(config):
@@ -159,7 +158,7 @@ async def test_nobody_can_connect_before_the_mode_is_set(
             seen.append((stat.S_IMODE(os.lstat(str(path)).st_mode), accepted))
         real_chmod(path, mode, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(server_module.os, "chmod", watching_chmod)
+    monkeypatch.setattr(os, "chmod", watching_chmod)
     config = test_config(sock_dir, socket_mode=0o700)
     async with serving(config), await connect(config) as conn:
         assert stat.S_IMODE(config.socket_path.stat().st_mode) == 0o700
@@ -293,7 +292,8 @@ async def test_the_only_listening_socket_is_a_unix_socket(sock_dir: Path) -> Non
     config = test_config(sock_dir)
     async with serving(config) as server:
         assert server._server is not None
-        families = {sock.family for sock in server._server.sockets}
+        sockets = server._server.sockets  # type: ignore[attr-defined]  # asyncio.Server's
+        families = {sock.family for sock in sockets}
         assert families == {socket.AF_UNIX}
         # and it is the file at the configured path, not an abstract name
-        assert server._server.sockets[0].getsockname() == str(config.socket_path)
+        assert sockets[0].getsockname() == str(config.socket_path)

@@ -36,6 +36,7 @@ from runner.core.cache import ConfCache
 from runner.core.chain import Chain
 from runner.core.config import Config
 from runner.core.dispatch import Dispatcher
+from runner.core.registry import load_registry
 from runner.protocol.frame import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -45,7 +46,6 @@ from runner.protocol.frame import (
     encode_frame,
 )
 from runner.protocol.messages import InfoKind, Stop
-from runner.server.lifecycle import load_registry
 from tests import refcodec as ref
 from tests.conftest import FIXTURE_PLUGINS, connect, handle, serving, test_config
 
@@ -631,9 +631,9 @@ async def _fuzz_exchanges(
     got = await wire.read_frame()
     if got is None or got[0] != RPC.HTTP_REQ_CALL:
         raise FuzzFailure(f"the connection is out of step after the fuzzing: {got}")
-    reply = ref.decode_req_call_reply(got[1])
-    if reply.id != 4242 or reply.action != ref.StopAction(200, [], b"in-step"):
-        raise FuzzFailure(f"the connection is out of step: {reply}")
+    in_step = ref.decode_req_call_reply(got[1])
+    if in_step.id != 4242 or in_step.action != ref.StopAction(200, [], b"in-step"):
+        raise FuzzFailure(f"the connection is out of step: {in_step}")
     return "in step after the fuzzing"
 
 

@@ -40,7 +40,7 @@ import uvloop
 from runner.protocol.frame import RPC, encode_frame
 from runner.protocol.messages import ErrCode, Rewrite, Stop, encode_req_call
 from runner.tools.client import Connection, ProtocolViolation, RunnerError, wait_for_socket
-from tests.server.test_fuzz import FuzzFailure, fuzz_connection, prepare_routes
+from tests.server.test_fuzz import FuzzFailure, Routes, fuzz_connection, prepare_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_PLUGINS = ROOT / "tests" / "fixtures" / "plugins"
@@ -124,7 +124,7 @@ class Workload:
         self.old_confs: list[tuple[int, str]] = []
         self.churn_counter = 0
         self.call_counter = 0
-        self.fuzz_routes = None
+        self.fuzz_routes: Routes | None = None
 
     async def setup(self) -> None:
         async with await Connection.open(self.path) as conn:
@@ -252,16 +252,16 @@ class Workload:
             )
         elif kind == "churn":
             self.churn_counter += 1
-            body = f"conf-{self.churn_counter}-{rng.random()}"
-            token = await conn.prepare_conf(encode([("say", {"body": body})]))
+            text = f"conf-{self.churn_counter}-{rng.random()}"
+            token = await conn.prepare_conf(encode([("say", {"body": text})]))
             reply = await conn.req_call(token, id=cid)
-            assert reply.action == Stop(200, (), body.encode()), reply
-            self.old_confs.append((token, body))
+            assert reply.action == Stop(200, (), text.encode()), reply
+            self.old_confs.append((token, text))
             del self.old_confs[: -4 * MAX_CONFS]
         elif kind == "old-token":
             if not self.old_confs:
                 return
-            token, body = rng.choice(self.old_confs)
+            token, text = rng.choice(self.old_confs)
             try:
                 reply = await conn.req_call(token, id=cid)
             except RunnerError as exc:
@@ -270,7 +270,7 @@ class Workload:
                 self.stats.expected["old-token: CONF_TOKEN_NOT_FOUND (evicted)"] += 1
                 return
             # Never another route's plugins: an old token answers with its own conf.
-            assert reply.action == Stop(200, (), body.encode()), (token, body, reply)
+            assert reply.action == Stop(200, (), text.encode()), (token, text, reply)
         elif kind == "vanish":
             await self.vanish(rng)
         elif kind == "fuzz":

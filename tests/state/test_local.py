@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,24 @@ async def test_expired_keys_leave_the_file_not_just_the_answers(tmp_path: Path) 
         for _ in range(200):
             await state.incr("still-counting")
         assert rows() == 1
+
+
+def test_the_file_of_a_runner_killed_with_sigkill_is_removed_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner.state import local
+
+    monkeypatch.setattr(local, "_tmpfs", lambda: str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / f"a6-state-{dead.pid}-x1"
+    living = tmp_path / f"a6-state-{os.getpid()}-x2"  # a runner still at work
+    foreign = tmp_path / "a6-state-notarunner"
+    for path in (orphan, living, foreign):
+        path.mkdir()
+        (path / "state.db").write_bytes(b"")
+    store = open_state("local://")
+    assert not orphan.exists()
+    assert living.exists()
+    assert foreign.exists()
+    asyncio.run(store.close())

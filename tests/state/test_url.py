@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.state import local, open_state
+from runner.state import check_state_url, local, open_state
 
 
 @pytest.mark.parametrize(
@@ -53,13 +53,36 @@ def test_the_password_stays_out_of_what_is_logged() -> None:
         ("redis://localhost?timeout=0", "positive number"),
         ("redis://localhost?connect_timeout=soon", "positive number"),
         ("local://?lock_timeout=inf", "positive number"),
+        # redis-py reads these only when it connects: refused at once all the same.
+        ("redis://localhost:63790000", "Port out of range"),
+        ("unix:///run/redis.sock?db=first", "db"),
+        ("redis://localhost?no_such_option=1", "no_such_option"),
     ],
 )
+@pytest.mark.parametrize("read", [open_state, check_state_url])
 def test_a_wrong_url_is_refused_with_its_reason(
-    url: str, complaint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    url: str,
+    complaint: str,
+    read: object,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Temporary state files go to tmp_path, so other runs on this machine cannot interfere.
     monkeypatch.setattr(local, "_tmpfs", lambda: str(tmp_path))
+    assert callable(read)
     with pytest.raises(ValueError, match=complaint):
-        open_state(url)
+        read(url)
     assert not list(tmp_path.iterdir()), "a refused URL left a temporary state file behind"
+
+
+def test_checking_a_good_url_makes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "_tmpfs", lambda: str(tmp_path))
+    for url in ("local://", f"local://{tmp_path}/kept.db", "memory://", "redis://cache:6379/1"):
+        check_state_url(url)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_refused_redis_url_keeps_its_password_out_of_the_message() -> None:
+    with pytest.raises(ValueError, match=r"user:\*\*\*@cache") as refused:
+        check_state_url("redis://user:s3cret@cache:notaport/0")
+    assert "s3cret" not in str(refused.value)
