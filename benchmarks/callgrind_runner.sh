@@ -30,7 +30,8 @@ total() {  # total() CALLS -> instructions of a runner that served CALLS calls
     ) 2>"$log" &
     local pid=$!
     for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.5; done
-    "$python" -m runner bench --socket "$sock" -c 16 -n "$1" --warmup 0 --no-progress \
+    # -d 3600: under valgrind the calls take far longer than the bench's default 10 s.
+    "$python" -m runner bench --socket "$sock" -c 16 -n "$1" -d 3600 --warmup 0 --no-progress \
         --call-timeout 600 --conf "$conf" >/dev/null
     kill -INT "$pid"
     wait "$pid" || true
