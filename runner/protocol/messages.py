@@ -8,6 +8,7 @@ plugin asks for it. No I/O happens here.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Sequence
@@ -249,6 +250,9 @@ def encode_req_call_reply(call_id: int, action: Stop | Rewrite | None) -> bytes:
     return _encode_rewrite(call_id, action)
 
 
+_stop_headers_blob = functools.lru_cache(maxsize=256)(fb.entries_blob)
+
+
 def _encode_stop(call_id: int, stop: Stop) -> bytes:
     status = stop.status
     if not 0 <= status < _U16_LIMIT:
@@ -265,7 +269,13 @@ def _encode_stop(call_id: int, stop: Stop) -> bytes:
         return b"".join((head, _pack_u32(len(body)), body, fb.BYTES_PAD[len(body) & 3]))
     # With headers: the Resp and the Stop table in one pack, then the header vector (and
     # the body's): the layout table_blob gives, without its per-field loop.
-    entries = fb.entries_blob(stop.headers)
+    headers = stop.headers
+    # A plugin answering "here" usually sends the same few headers every time: their
+    # vector is encoded once (Request.stop hands over a tuple; any other sequence is
+    # encoded as it comes).
+    entries = (
+        _stop_headers_blob(headers) if type(headers) is tuple else fb.entries_blob(headers)
+    )
     if not body:
         # Stop table at 40 (uoffset 12): [status, headers -> right after the table].
         head = _STOP_HEADERS.pack(
