@@ -21,7 +21,7 @@ from tests.server.test_workers import (
     served_by,
     workers_of,
 )
-from tests.state.conftest import REDIS_SERVER, RedisServer, eventually, needs_redis
+from tests.state.conftest import RedisServer, eventually, needs_redis, running_redis
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 
@@ -152,16 +152,8 @@ async def test_two_workers_let_exactly_the_burst_of_one_client_through(sock_dir:
 
 @pytest.fixture
 def redis(sock_dir: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer(sock_dir)
-    server.start()
-    try:
+    with running_redis(sock_dir) as server:
         yield server
-    finally:
-        if server.proc is not None:
-            server.resume()
-        server.kill()
 
 
 @needs_redis

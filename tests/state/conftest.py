@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -103,12 +104,13 @@ def redis_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def redis_server(redis_dir: Path) -> Iterator[RedisServer]:
-    """A server for this test alone: the fault tests stop and restart it."""
+@contextlib.contextmanager
+def running_redis(directory: Path) -> Iterator[RedisServer]:
+    """A redis-server on a Unix socket in ``directory`` for the duration (the test is
+    skipped where redis-server is not installed)."""
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer(redis_dir)
+    server = RedisServer(directory)
     server.start()
     try:
         yield server
@@ -118,17 +120,22 @@ def redis_server(redis_dir: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
+@pytest.fixture
+def redis_server(redis_dir: Path) -> Iterator[RedisServer]:
+    """A server for this test alone: the fault tests stop and restart it."""
+    with running_redis(redis_dir) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def shared_redis() -> Iterator[RedisServer]:
     """One server for the tests that only use it; each test keeps to its own key prefix."""
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
     directory = Path(tempfile.mkdtemp(prefix="a6-redis-"))
-    server = RedisServer(directory)
-    server.start()
-    yield server
-    server.kill()
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        with running_redis(directory) as server:
+            yield server
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @dataclass
