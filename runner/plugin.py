@@ -32,8 +32,10 @@ from collections.abc import Awaitable, Iterable, Iterator, Mapping
 from typing import (
     Any,
     ClassVar,
+    Final,
     Generic,
     Protocol,
+    TypeAlias,
     TypeVar,
     get_args,
     get_origin,
@@ -111,6 +113,43 @@ def _discard(awaitable: Awaitable[Any]) -> None:
 def _as_bytes(data: bytes | str) -> bytes:
     # surrogateescape: text built from a non-UTF-8 header value goes back as its bytes.
     return data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
+
+
+# Request.stop's answers by value: (status, body, header pairs) -> the checked Stop,
+# which encodes itself once. Bounded: emptied when full (a plugin whose answers all
+# differ gains nothing from it and loses little), and large bodies are not kept.
+_StopKey: TypeAlias = tuple[int, bytes | str, tuple[tuple[str, str], ...]]
+_STOPS: dict[_StopKey, Stop] = {}
+_STOP_MEMO_SIZE: Final = 256
+_STOP_MEMO_BODY: Final = 4096
+
+
+def _checked_stop(
+    status: int,
+    body: bytes | str,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+) -> Stop:
+    if type(status) is not int or not 100 <= status <= 999:
+        raise ValueError(f"status must be an HTTP status code (100-999), got {status!r}")
+    if not headers:
+        checked: tuple[tuple[str, str], ...] = ()
+    else:
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        out = []
+        for name, value in pairs:
+            # _check_text, inlined for the usual clean pair; it says what is wrong.
+            if (
+                type(name) is not str
+                or type(value) is not str
+                or "\r" in (both := name + value)
+                or "\n" in both
+                or "\0" in both
+            ):
+                _check_text("header name", name)
+                _check_text("header value", value)
+            out.append((name, value))
+        checked = tuple(out)
+    return Stop(status, checked, _as_bytes(body))
 
 
 class _MultiDict:
@@ -491,27 +530,28 @@ class Request(_Call[RequestEdits]):
         The request never reaches the upstream and rewrites made so far are dropped.
         Repeated header names all reach the client. An empty body means "no body".
         """
-        if not 100 <= status <= 999:
-            raise ValueError(f"status must be an HTTP status code (100-999), got {status}")
-        if not headers:  # the usual case, and cheaper than the checks below
-            checked: tuple[tuple[str, str], ...] = ()
+        # A plugin that answers here mostly sends the same few responses: each is
+        # checked and encoded once, then found again by its value.
+        key: _StopKey | None
+        if type(status) is not int:
+            key = None
+        elif type(headers) is dict:
+            key = (status, body, tuple(headers.items()))
+        elif not headers:
+            key = (status, body, ())
         else:
-            pairs = headers.items() if isinstance(headers, Mapping) else headers
-            out = []
-            for name, value in pairs:
-                # _check_text, inlined for the usual clean pair; it says what is wrong.
-                if (
-                    type(name) is not str
-                    or type(value) is not str
-                    or "\r" in (both := name + value)
-                    or "\n" in both
-                    or "\0" in both
-                ):
-                    _check_text("header name", name)
-                    _check_text("header value", value)
-                out.append((name, value))
-            checked = tuple(out)
-        self._edits.stop = Stop(status, checked, _as_bytes(body))
+            key = None
+        try:
+            stop = _STOPS.get(key) if key is not None else None
+        except TypeError:  # a value that cannot be hashed: the checks below say what
+            key = stop = None
+        if stop is None:
+            stop = _checked_stop(status, body, headers)
+            if key is not None and len(body) <= _STOP_MEMO_BODY:
+                if len(_STOPS) >= _STOP_MEMO_SIZE:
+                    _STOPS.clear()
+                _STOPS[key] = stop
+        self._edits.stop = stop
 
     @property
     def stopped(self) -> bool:

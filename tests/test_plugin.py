@@ -154,6 +154,50 @@ def test_repeated_stop_headers_all_reach_the_client() -> None:
     assert result.stop.headers == (("set-cookie", "a"), ("set-cookie", "b"))
 
 
+def test_a_stop_is_checked_and_sent_by_value_whatever_was_answered_before() -> None:
+    # Answers are reused by value: the same values give the same reply, a dict changed
+    # between calls gives the changed reply, and a bad value is refused every time.
+    headers = {"content-type": "text/plain"}
+    first = _run(lambda request: request.stop(200, "hi", headers))
+    again = _run(lambda request: request.stop(200, "hi", {"content-type": "text/plain"}))
+    assert first.action == again.action == Stop(200, (("content-type", "text/plain"),), b"hi")
+    headers["content-type"] = "application/json"
+    headers["x-more"] = "1"
+    changed = _run(lambda request: request.stop(200, "hi", headers))
+    assert changed.stop.headers == (("content-type", "application/json"), ("x-more", "1"))
+    assert _run(lambda request: request.stop(200, b"hi", headers)).stop.body == b"hi"
+    headers["x-bad"] = "a\r\nb"
+    for _ in range(2):
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            _run(lambda request: request.stop(200, "hi", headers))
+
+
+@pytest.mark.parametrize("status", [200.0, True, "200"])
+def test_a_stop_status_must_be_an_int_even_after_the_same_answer_as_an_int(
+    status: object,
+) -> None:
+    assert _run(lambda request: request.stop(200, "same")).stop.status == 200
+    with pytest.raises(ValueError, match="status must be an HTTP status code"):
+        _run(lambda request: request.stop(status, "same"))  # type: ignore[arg-type]
+
+
+def test_answers_that_differ_every_time_are_all_sent_right() -> None:
+    # More distinct answers than the runner keeps, and unhashable or large ones.
+    for i in range(600):
+
+        def act(request: Request, i: int = i) -> None:
+            request.stop(200 + i % 3, f"n{i}", {"x-n": str(i)})
+
+        result = _run(act)
+        assert result.stop == Stop(200 + i % 3, (("x-n", str(i)),), f"n{i}".encode())
+    assert len(runner.plugin._STOPS) <= runner.plugin._STOP_MEMO_SIZE
+    big = "x" * (runner.plugin._STOP_MEMO_BODY + 1)
+    assert _run(lambda request: request.stop(200, big)).stop.body == big.encode()
+    assert _run(lambda request: request.stop(200, bytearray(b"ba"))).stop.body == b"ba"  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="header value must be a str, not list"):
+        _run(lambda request: request.stop(200, "", {"x-l": ["v"]}))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("path", "message"),
     [("relative", "must start with '/'"), ("/a?b=1", "must not contain '?'"), ("/a\nb", "CR")],

@@ -18,9 +18,9 @@ from runner.protocol.messages import (
     Rewrite,
     Stop,
     encode_pass_through_reply,
-    encode_req_call_reply,
     encode_resp_call_reply,
     encode_rewrite_reply,
+    encode_stop_reply,
 )
 
 __all__ = [
@@ -113,7 +113,7 @@ def encode_request_reply(call_id: int, edits: RequestEdits) -> bytes:
     same bytes). ``call_id`` is the request's own, known to fit a uint32."""
     stop = edits.stop
     if stop is not None:
-        return encode_req_call_reply(call_id, stop)
+        return encode_stop_reply(call_id, stop)
     headers = edits.headers
     args = edits.args
     # Header changes, inlined: this runs once per call that sets a header.

@@ -8,11 +8,10 @@ plugin asks for it. No I/O happens here.
 
 from __future__ import annotations
 
-import functools
 import json
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
 
@@ -50,6 +49,7 @@ __all__ = [
     "encode_resp_call",
     "encode_resp_call_reply",
     "encode_rewrite_reply",
+    "encode_stop_reply",
 ]
 
 
@@ -115,8 +115,39 @@ class HTTPReqCall:
     """``A6.HTTPReqCall.Req``, decoded lazily: fields are read when first used."""
 
     __slots__ = ("_args", "_buf", "_headers", "_offsets", "_pos", "conf_token", "id")
+    _args: list[Entry] | None
+    _headers: list[Entry] | None
+    _offsets: tuple[int, ...]
 
     def __init__(self, payload: bytes) -> None:
+        # The gateway's usual shape first: a vtable with an entry for each of the seven
+        # fields, read in one unpack. Anything else takes the general path below, which
+        # accepts all this one does and says what is wrong with the rest.
+        try:
+            pos = _u32(payload, 0)[0]
+            vt = pos - _i32(payload, pos)[0]
+            vtable = _VTABLE7(payload, vt) if vt >= 0 else None
+        except struct.error:
+            vtable = None
+        if vtable is not None and vtable[0] == 18:
+            table_size = vtable[1]
+            offsets = vtable[2:]
+            id_off = offsets[0]
+            token_off = offsets[6]
+            if (
+                pos + table_size <= len(payload)
+                and max(offsets) < table_size
+                and id_off + 4 <= table_size
+                and token_off + 4 <= table_size
+            ):
+                self.id = _u32(payload, pos + id_off)[0] if id_off else 0
+                self.conf_token = _u32(payload, pos + token_off)[0] if token_off else 0
+                self._buf = payload
+                self._pos = pos
+                self._offsets = offsets
+                self._args = None
+                self._headers = None
+                return
         try:
             pos, offsets = fb.root_offsets(payload, 7)
             id_off = offsets[0]
@@ -134,8 +165,8 @@ class HTTPReqCall:
         self._buf = payload
         self._pos = pos
         self._offsets = offsets
-        self._args: list[Entry] | None = None
-        self._headers: list[Entry] | None = None
+        self._args = None
+        self._headers = None
 
     def _field(self, slot: int) -> int:
         offset = self._offsets[slot]
@@ -189,6 +220,10 @@ class Stop:
     status: int = 200
     headers: Sequence[tuple[str, str]] = ()
     body: bytes = b""  # b"" means "no body"
+    # The encoded reply after its call id, made on first use: a Stop is immutable, and
+    # one that is sent again (a plugin answering with the same response) costs only
+    # the call id's bytes. Not part of the value.
+    _encoded: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""
@@ -222,6 +257,9 @@ _U32_LIMIT: Final = 1 << 32
 _U16_LIMIT: Final = 1 << 16
 _pack_u32 = struct.Struct("<I").pack
 _u32 = struct.Struct("<I").unpack_from
+_i32 = struct.Struct("<i").unpack_from
+# A vtable's size, its table's size and seven field offsets: HTTPReqCall's, whole.
+_VTABLE7 = struct.Struct("<9H").unpack_from
 
 # Replies are written straight into their final layout, the one ``fb.build`` produces
 # (the tests compare the two byte for byte). Every HTTPReqCall.Resp with an action
@@ -229,14 +267,18 @@ _u32 = struct.Struct("<I").unpack_from
 # the action table right after it at offset 32.
 _RESP_HEAD: Final = struct.Struct("<IHHHHHxxiIII")
 _PASS_THROUGH_HEAD: Final = fb.build(((0, fb.U32, 0),))[:-4]  # all of it but the id
-# A Stop without headers, with and without a body: the Resp, then the Stop's vtable
-# and table (a body follows as a [ubyte] vector).
-_STOP_BARE: Final = struct.Struct("<IHHHHHxxiIIIHHHxxiI")
-_STOP_WITH_BODY: Final = struct.Struct("<IHHHHHxxiIIIHHHHHxxiII")
-# A Stop with headers, without and with a body: the Resp, then the Stop's vtable and
-# table; the header vector (and the body vector) follow.
-_STOP_HEADERS: Final = struct.Struct("<IHHHHHxxiIIIHHHHiII")
-_STOP_HEADERS_BODY: Final = struct.Struct("<IHHHHHxxiIIIHHHHHxxiIII")
+# Every Stop reply starts alike: the root offset, the Resp's vtable [id, action_type,
+# action] and the Resp table up to its call id. What follows the id (the action type,
+# the Stop's vtable and table, the header and body vectors) is the Stop's own.
+_STOP_HEAD: Final = struct.Struct("<IHHHHHxxi").pack(16, 10, 16, 4, 8, 12, 12)
+# What follows the call id, for a Stop without headers, with and without a body (a body
+# follows as a [ubyte] vector) ...
+_STOP_BARE: Final = struct.Struct("<IIHHHxxiI")
+_STOP_WITH_BODY: Final = struct.Struct("<IIHHHHHxxiII")
+# ... and with headers, without and with a body: the header vector (and the body's)
+# follow.
+_STOP_HEADERS: Final = struct.Struct("<IIHHHHiII")
+_STOP_HEADERS_BODY: Final = struct.Struct("<IIHHHHHxxiIII")
 
 
 def encode_req_call_reply(call_id: int, action: Stop | Rewrite | None) -> bytes:
@@ -246,14 +288,24 @@ def encode_req_call_reply(call_id: int, action: Stop | Rewrite | None) -> bytes:
     if action is None:
         return _PASS_THROUGH_HEAD + _pack_u32(call_id)
     if isinstance(action, Stop):
-        return _encode_stop(call_id, action)
+        return encode_stop_reply(call_id, action)
     return _encode_rewrite(call_id, action)
 
 
-_stop_headers_blob = functools.lru_cache(maxsize=256)(fb.entries_blob)
+def encode_stop_reply(call_id: int, stop: Stop) -> bytes:
+    """``encode_req_call_reply(call_id, stop)``, for an id known to fit a uint32."""
+    encoded = stop._encoded
+    if encoded is None:
+        encoded = _encode_stop(stop)
+        # The memo of a frozen value; not for headers in a list, which could change.
+        if type(stop.headers) is tuple and type(stop.body) is bytes:
+            object.__setattr__(stop, "_encoded", encoded)
+    return _STOP_HEAD + _pack_u32(call_id) + encoded
 
 
-def _encode_stop(call_id: int, stop: Stop) -> bytes:
+def _encode_stop(stop: Stop) -> bytes:
+    """A Stop reply's bytes after the call id: the layout ``fb.build`` gives (the tests
+    compare the two byte for byte), written straight in place."""
     status = stop.status
     if not 0 <= status < _U16_LIMIT:
         raise ValueError(f"status {status} does not fit a uint16")
@@ -261,32 +313,18 @@ def _encode_stop(call_id: int, stop: Stop) -> bytes:
     if not stop.headers:
         if not body:
             # Stop table at 40: uoffset 40 - 28 = 12.
-            return _STOP_BARE.pack(16, 10, 16, 4, 8, 12, 12, call_id, 1, 12, 6, 8, 4, 8, status)
+            return _STOP_BARE.pack(1, 12, 6, 8, 4, 8, status)
         # Stop table at 44 (uoffset 16); its body slot at 52 points to the vector at 56.
-        head = _STOP_WITH_BODY.pack(
-            16, 10, 16, 4, 8, 12, 12, call_id, 1, 16, 10, 12, 4, 0, 8, 12, status, 4
-        )
+        head = _STOP_WITH_BODY.pack(1, 16, 10, 12, 4, 0, 8, 12, status, 4)
         return b"".join((head, _pack_u32(len(body)), body, fb.BYTES_PAD[len(body) & 3]))
-    # With headers: the Resp and the Stop table in one pack, then the header vector (and
-    # the body's): the layout table_blob gives, without its per-field loop.
-    headers = stop.headers
-    # A plugin answering "here" usually sends the same few headers every time: their
-    # vector is encoded once (Request.stop hands over a tuple; any other sequence is
-    # encoded as it comes).
-    entries = (
-        _stop_headers_blob(headers) if type(headers) is tuple else fb.entries_blob(headers)
-    )
+    # With headers: the Stop table in one pack, then the header vector (and the body's):
+    # the layout table_blob gives, without its per-field loop.
+    entries = fb.entries_blob(stop.headers)
     if not body:
         # Stop table at 40 (uoffset 12): [status, headers -> right after the table].
-        head = _STOP_HEADERS.pack(
-            16, 10, 16, 4, 8, 12, 12, call_id, 1, 12, 8, 12, 4, 8, 8, status, 4
-        )
-        return head + entries
+        return _STOP_HEADERS.pack(1, 12, 8, 12, 4, 8, 8, status, 4) + entries
     # Stop table at 44 (uoffset 16): [status, headers, body after the header vector].
-    head = _STOP_HEADERS_BODY.pack(
-        16, 10, 16, 4, 8, 12, 12, call_id, 1, 16, 10, 16, 4, 8, 12, 12, status, 8,
-        4 + len(entries),
-    )  # fmt: skip
+    head = _STOP_HEADERS_BODY.pack(1, 16, 10, 16, 4, 8, 12, 12, status, 8, 4 + len(entries))
     return b"".join((head, entries, _pack_u32(len(body)), body, fb.BYTES_PAD[len(body) & 3]))
 
 

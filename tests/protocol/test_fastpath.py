@@ -111,6 +111,24 @@ def test_stop_reply(call_id: int, status: int, headers: list[tuple[str, str]], b
     assert ref.decode_req_call_reply(fast) == ref.ReqCallReply(
         call_id, ref.StopAction(status, list(headers), body)
     )
+    # A Stop with its headers in a tuple keeps its encoding: sent again, under another
+    # call id, it is the same reply but for the id.
+    kept = m.Stop(status, tuple(headers), body)
+    assert m.encode_req_call_reply(call_id, kept) == fast
+    other_id = call_id ^ 0xFFFF
+    assert m.encode_stop_reply(other_id, kept) == generic_req_call_reply(other_id, kept)
+
+
+def test_a_stop_whose_header_list_changes_is_encoded_as_it_is_now() -> None:
+    headers = [("x-a", "1")]
+    stop = m.Stop(200, headers, b"body")
+    assert m.decode_req_call_reply(m.encode_stop_reply(1, stop)).action == m.Stop(
+        200, (("x-a", "1"),), b"body"
+    )
+    headers.append(("x-b", "2"))
+    assert m.decode_req_call_reply(m.encode_stop_reply(2, stop)).action == m.Stop(
+        200, (("x-a", "1"), ("x-b", "2")), b"body"
+    )
 
 
 @pytest.mark.parametrize("headers", [(), (("x", "1"),), (("a", ""), ("a", "é"))])
