@@ -452,7 +452,10 @@ class Request(_Call[RequestEdits]):
     __slots__ = ("_args", "_headers", "_raw", "_resp_headers", "_src_ip", "id")
 
     def __init__(self, raw: RawRequest, source: InfoSource, edits: RequestEdits) -> None:
-        _Call.__init__(self, source, edits)
+        # _Call.__init__, inlined: one call less per request.
+        self._source = source
+        self._edits = edits
+        self._answers = {}
         self._raw = raw
         self.id: int = raw.id
         self._src_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | bool | None = False

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from runner.protocol import flatbuf as fb
 from runner.protocol.flatbuf import Entry, MalformedMessage
@@ -120,53 +120,48 @@ class HTTPReqCall:
     _offsets: tuple[int, ...]
 
     def __init__(self, payload: bytes) -> None:
-        # The gateway's usual shape first: a vtable with an entry for each of the seven
-        # fields, read in one unpack. Anything else takes the general path below, which
-        # accepts all this one does and says what is wrong with the rest.
+        # A call laid out like one seen before (the gateway builds every call alike):
+        # the bytes up to the root table's start give where everything is.
         try:
             pos = _u32(payload, 0)[0]
-            vt = pos - _i32(payload, pos)[0]
-            vtable = _VTABLE7(payload, vt) if vt >= 0 else None
+            layout = _REQ_LAYOUTS.get(payload[4 : pos + 4]) if pos <= _LAYOUT_SPAN else None
         except struct.error:
-            vtable = None
-        if vtable is not None and vtable[0] == 18:
-            table_size = vtable[1]
-            offsets = vtable[2:]
-            id_off = offsets[0]
-            token_off = offsets[6]
-            if (
-                pos + table_size <= len(payload)
-                and max(offsets) < table_size
-                and id_off + 4 <= table_size
-                and token_off + 4 <= table_size
-            ):
-                self.id = _u32(payload, pos + id_off)[0] if id_off else 0
-                self.conf_token = _u32(payload, pos + token_off)[0] if token_off else 0
-                self._buf = payload
-                self._pos = pos
-                self._offsets = offsets
-                self._args = None
-                self._headers = None
-                return
+            layout = None
+        # (A key found in a message cut short cannot pass: its table would not fit.)
+        if layout is not None and pos + layout[0] <= len(payload):
+            first, second = layout[1](payload, pos)
+            if layout[2]:
+                self.conf_token = first
+                self.id = second
+            else:
+                self.id = first
+                self.conf_token = second
+            self._offsets = layout[3]
+        else:
+            pos = self._decode(payload)
+        self._buf = payload
+        self._pos = pos
+        self._args = None
+        self._headers = None
+
+    def _decode(self, payload: bytes) -> int:
+        """Read the call the long way, checking every offset; learn its layout."""
         try:
             pos, offsets = fb.root_offsets(payload, 7)
             id_off = offsets[0]
             token_off = offsets[6]
             size = len(payload)
-            # read_u32 twice, inlined: this runs once per call.
             if pos + id_off + 4 > size or pos + token_off + 4 > size:
                 raise MalformedMessage("the call id or conf token lies outside the message")
             self.id = _u32(payload, pos + id_off)[0] if id_off else 0
             self.conf_token = _u32(payload, pos + token_off)[0] if token_off else 0
+            self._offsets = offsets
+            _learn_req_layout(payload, pos, offsets)
         except MalformedMessage:
             raise
         except (ValueError, IndexError, struct.error) as exc:
             raise _guard("HTTPReqCall request", exc) from exc
-        self._buf = payload
-        self._pos = pos
-        self._offsets = offsets
-        self._args = None
-        self._headers = None
+        return pos
 
     def _field(self, slot: int) -> int:
         offset = self._offsets[slot]
@@ -211,6 +206,40 @@ class HTTPReqCall:
             except (ValueError, IndexError, struct.error) as exc:
                 raise _guard("HTTPReqCall headers", exc) from exc
         return self._headers
+
+
+# HTTPReqCall layouts seen, by the bytes from the end of the root offset to the end of
+# the root table's vtable offset: (the table's size, the reader of the call id and conf
+# token in the order they lie, True if that is token first, the seven field offsets).
+# A builder writes the root table's vtable right before the table, so these bytes hold
+# the vtable, and with it every offset; the root offset is their length. Only layouts
+# that passed every check of the long way are kept, and a call is read through one only
+# if its table fits in its message.
+_ReqLayout: TypeAlias = tuple[int, Callable[[bytes, int], tuple[int, ...]], bool, tuple[int, ...]]
+_REQ_LAYOUTS: dict[bytes, _ReqLayout] = {}
+_LAYOUT_SPAN: Final = 64  # root tables further in are always read the long way
+_MAX_LAYOUTS: Final = 64
+
+
+def _learn_req_layout(payload: bytes, pos: int, offsets: tuple[int, ...]) -> None:
+    vt = pos - _i32(payload, pos)[0]
+    vt_size, table_size = _u16_pair(payload, vt)
+    id_off = offsets[0]
+    token_off = offsets[6]
+    low, high = sorted((id_off, token_off))
+    if (
+        pos > _LAYOUT_SPAN
+        or vt < 4
+        or vt + vt_size > pos
+        or not low
+        or low + 4 > high
+        or high + 4 > table_size
+    ):
+        return
+    if len(_REQ_LAYOUTS) >= _MAX_LAYOUTS:
+        _REQ_LAYOUTS.clear()
+    reader = struct.Struct(f"<{low}xI{high - low - 4}xI").unpack_from
+    _REQ_LAYOUTS[payload[4 : pos + 4]] = (table_size, reader, token_off < id_off, offsets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,8 +287,7 @@ _U16_LIMIT: Final = 1 << 16
 _pack_u32 = struct.Struct("<I").pack
 _u32 = struct.Struct("<I").unpack_from
 _i32 = struct.Struct("<i").unpack_from
-# A vtable's size, its table's size and seven field offsets: HTTPReqCall's, whole.
-_VTABLE7 = struct.Struct("<9H").unpack_from
+_u16_pair = struct.Struct("<HH").unpack_from
 
 # Replies are written straight into their final layout, the one ``fb.build`` produces
 # (the tests compare the two byte for byte). Every HTTPReqCall.Resp with an action

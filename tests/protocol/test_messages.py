@@ -543,6 +543,54 @@ def test_every_truncation(kind: str) -> None:
         assert got == expected, size
 
 
+def _outcome(payload: bytes) -> tuple[object, ...] | str:
+    try:
+        return runner_req_call(payload)
+    except MalformedMessage:
+        return "malformed"
+
+
+@pytest.mark.parametrize(
+    ("sample", "learned"),
+    [
+        (SAMPLES["req_call"], 1),
+        (m.encode_req_call(conf_token=7, id=9, headers=[("h", "v")]), 1),
+        (m.encode_req_call(conf_token=1, id=0, method="POST"), 0),  # no id: the long way
+    ],
+)
+def test_a_learned_layout_reads_like_the_long_way(sample: bytes, learned: int) -> None:
+    # HTTPReqCall reads calls laid out like one seen before through that layout. Every
+    # cut and every byte changed in its first 64 bytes must read as if it had never
+    # been seen: the same values, or malformed.
+    variants = [sample[:size] for size in range(len(sample))]
+    for at in range(min(64, len(sample))):
+        for value in (0, 1, 4, 0x80, 0xFF, sample[at] ^ 1):
+            buf = bytearray(sample)
+            buf[at] = value
+            variants.append(bytes(buf))
+    m._REQ_LAYOUTS.clear()
+    cold = [_outcome(variant) for variant in variants]
+    m._REQ_LAYOUTS.clear()
+    assert _outcome(sample) == _outcome(sample) != "malformed"  # learned, then used
+    assert len(m._REQ_LAYOUTS) == learned
+    for variant, expected in zip(variants, cold, strict=True):
+        assert _outcome(variant) == expected, variant.hex()
+        _runner_reads_like_reference("req_call", variant)
+
+
+def test_layouts_seen_are_bounded() -> None:
+    # Filler between the root offset and the vtable (offsets inside are relative, so
+    # moving all of it keeps the message whole): a new layout every time.
+    sample = m.encode_req_call(conf_token=5, id=3, path="/p")
+    pos = struct.unpack_from("<I", sample)[0]
+    m._REQ_LAYOUTS.clear()
+    for n in range(3 * m._MAX_LAYOUTS):
+        filler = struct.pack("<I", n)
+        payload = struct.pack("<I", pos + 4) + filler + sample[4:]
+        assert runner_req_call(payload)[:4] == (3, 5, "GET", "/p")
+        assert 1 <= len(m._REQ_LAYOUTS) <= m._MAX_LAYOUTS
+
+
 @pytest.mark.parametrize("kind", sorted(DECODERS))
 @pytest.mark.parametrize("payload", [b"", b"\x00", b"\x00\x00\x00", b"\xff" * 3])
 def test_too_short_for_a_root_offset(kind: str, payload: bytes) -> None:
