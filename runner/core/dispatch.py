@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 from runner.core.cache import ConfCache
 from runner.core.calls import (
@@ -51,7 +51,7 @@ from runner.core.metrics import (
 )
 from runner.core.registry import PluginRegistry
 from runner.plugin import InfoSource, Plugin, Request, Response
-from runner.protocol.frame import MAX_PAYLOAD, RPC, FrameTooLarge, encode_frame
+from runner.protocol.frame import HEADER_SIZE, MAX_PAYLOAD, RPC, FrameTooLarge, encode_frame
 from runner.protocol.messages import (
     ErrCode,
     HTTPReqCall,
@@ -60,6 +60,7 @@ from runner.protocol.messages import (
     decode_prepare_conf,
     encode_error,
     encode_prepare_conf_reply,
+    encode_stop_frame,
 )
 from runner.state import StateStore, open_state
 
@@ -84,6 +85,7 @@ class Caller(InfoSource, Protocol):
 
 Handler: TypeAlias = Callable[[bytes, Caller], None]
 
+_REQ_CALL: Final = int(RPC.HTTP_REQ_CALL)
 _ERROR_FRAMES = {code: encode_frame(RPC.ERROR, encode_error(code)) for code in ErrCode}
 # An error frame sent -> the outcome the metrics and traces give its call.
 _FRAME_OUTCOMES = {frame: ERROR_OUTCOMES[code] for code, frame in _ERROR_FRAMES.items()}
@@ -107,6 +109,7 @@ class Dispatcher:
         # (--state-url). By default this process's memory, as tests want it.
         self.state = state if state is not None else open_state("memory://")
         self.max_frame_size = max_frame_size
+        self._max_frame = max_frame_size + HEADER_SIZE  # a whole frame's bytes, at most
         self.executor = executor
         # Observers of the calls (--metrics-listen, --tracing). Without either, a call
         # costs one check of ``_observed`` more than it would with neither existing.
@@ -158,7 +161,7 @@ class Dispatcher:
             log.error("call failed%s: %s", where, exc or type(exc).__name__)
         return _ERROR_FRAMES[code]
 
-    def _frame(self, rpc_type: RPC, payload: bytes, call_id: int) -> bytes:
+    def _frame(self, rpc_type: int, payload: bytes, call_id: int) -> bytes:
         size = len(payload)
         if size > self.max_frame_size:
             return self.error_frame(FrameTooLarge(size, self.max_frame_size), call_id)
@@ -261,7 +264,14 @@ class Dispatcher:
             # Plain hooks run right here: a chain of them is answered without a task.
             awaited = run_plain_steps(chain.request_steps, request, edits)
             if awaited < 0:
-                reply = encode_request_reply(call.id, edits)
+                stop = edits.stop
+                if stop is not None:
+                    # A Stop is framed whole, from what it encoded the first time.
+                    frame = encode_stop_frame(call.id, stop)
+                    if len(frame) > self._max_frame:
+                        frame = self._frame(_REQ_CALL, frame[4:], call.id)
+                else:
+                    frame = self._frame(_REQ_CALL, encode_request_reply(call.id, edits), call.id)
         except Exception as exc:
             frame = self.error_frame(exc, call.id)
             if self._observed:
@@ -269,7 +279,6 @@ class Dispatcher:
             caller.reply(frame)
             return
         if awaited < 0:
-            frame = self._frame(RPC.HTTP_REQ_CALL, reply, call.id)
             if self._observed:
                 self._observe_request(frame, edits, request)
             caller.reply(frame)

@@ -17,6 +17,7 @@ from typing import Any, Final, TypeAlias
 
 from runner.protocol import flatbuf as fb
 from runner.protocol.flatbuf import Entry, MalformedMessage
+from runner.protocol.frame import MAX_PAYLOAD, RPC, FrameTooLarge, encode_header
 
 __all__ = [
     "METHOD_NAMES",
@@ -49,6 +50,7 @@ __all__ = [
     "encode_resp_call",
     "encode_resp_call_reply",
     "encode_rewrite_reply",
+    "encode_stop_frame",
     "encode_stop_reply",
 ]
 
@@ -249,10 +251,12 @@ class Stop:
     status: int = 200
     headers: Sequence[tuple[str, str]] = ()
     body: bytes = b""  # b"" means "no body"
-    # The encoded reply after its call id, made on first use: a Stop is immutable, and
-    # one that is sent again (a plugin answering with the same response) costs only
-    # the call id's bytes. Not part of the value.
-    _encoded: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    # Its reply frame before and after the call id, made on first use: a Stop is
+    # immutable, and one sent again (a plugin answering with the same response) costs
+    # only the call id's bytes. Not part of the value.
+    _encoded: tuple[bytes, bytes] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""
@@ -322,13 +326,34 @@ def encode_req_call_reply(call_id: int, action: Stop | Rewrite | None) -> bytes:
 
 def encode_stop_reply(call_id: int, stop: Stop) -> bytes:
     """``encode_req_call_reply(call_id, stop)``, for an id known to fit a uint32."""
-    encoded = stop._encoded
-    if encoded is None:
-        encoded = _encode_stop(stop)
+    return _STOP_HEAD + _pack_u32(call_id) + _stop_parts(stop)[1]
+
+
+def encode_stop_frame(call_id: int, stop: Stop) -> bytes:
+    """The whole frame (header included) of ``stop``'s HTTPReqCall reply, for an id
+    known to fit a uint32: a Stop sent again costs only its call id's bytes. Raises
+    FrameTooLarge if it cannot be framed."""
+    parts = stop._encoded
+    if parts is None:
+        parts = _stop_parts(stop)
+    if not parts[0]:
+        raise FrameTooLarge(len(_STOP_HEAD) + 4 + len(parts[1]), MAX_PAYLOAD)
+    return parts[0] + _pack_u32(call_id) + parts[1]
+
+
+def _stop_parts(stop: Stop) -> tuple[bytes, bytes]:
+    """A Stop reply's frame, up to its call id (frame header included) and after it."""
+    parts = stop._encoded
+    if parts is None:
+        tail = _encode_stop(stop)
+        size = len(_STOP_HEAD) + 4 + len(tail)
+        # (Empty if it cannot be framed: encode_stop_frame says so, the payload is made.)
+        head = encode_header(RPC.HTTP_REQ_CALL, size) + _STOP_HEAD if size <= MAX_PAYLOAD else b""
+        parts = (head, tail)
         # The memo of a frozen value; not for headers in a list, which could change.
         if type(stop.headers) is tuple and type(stop.body) is bytes:
-            object.__setattr__(stop, "_encoded", encoded)
-    return _STOP_HEAD + _pack_u32(call_id) + encoded
+            object.__setattr__(stop, "_encoded", parts)
+    return parts
 
 
 def _encode_stop(stop: Stop) -> bytes:

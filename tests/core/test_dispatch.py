@@ -76,6 +76,26 @@ def test_plain_plugins_are_answered_without_a_task() -> None:
     assert decode_req_call_reply(payload).action == StopAction(200, [], b"x")
 
 
+@pytest.mark.parametrize("limit", [100, 160])
+def test_a_stop_over_the_frame_limit_is_an_error_every_time(limit: int) -> None:
+    # A Stop's frame is made once and reused: the limit holds for it all the same.
+    config = Config(plugin_dirs=(FIXTURE_PLUGINS,), examples=True)
+    cache: ConfCache[Chain] = ConfCache(ttl=60, maxsize=100)
+    d = Dispatcher(load_registry(config), cache, max_frame_size=limit)
+    small = prepare(d, [("say", '{"body": "x"}')])
+    big = prepare(d, [("say", '{"body": "%s"}' % ("x" * 80))])
+    for _ in range(2):
+        for token, fits in ((small, True), (big, limit >= 160)):
+            reply = handle(d, RPC.HTTP_REQ_CALL, encode_req_call(conf_token=token), FakeGateway())
+            assert isinstance(reply, bytes)
+            rpc_type, payload = split(reply)
+            if fits:
+                assert rpc_type == RPC.HTTP_REQ_CALL
+                assert decode_req_call_reply(payload).action is not None
+            else:
+                assert (rpc_type, decode_error(payload)) == (RPC.ERROR, ErrCode.SERVICE_UNAVAILABLE)
+
+
 def test_async_plugins_get_a_coroutine_that_asks_the_gateway() -> None:
     d = make_dispatcher()
     token = prepare(d, [("test-echo-vars", '{"names": ["remote_addr"]}')])
