@@ -121,7 +121,7 @@ class Dispatcher:
         self._by_key: dict[str, int] = {}
         self._handlers: dict[int, Handler] = {
             RPC.PREPARE_CONF: self._prepare_conf,
-            RPC.HTTP_REQ_CALL: self._req_call,
+            RPC.HTTP_REQ_CALL: self.req_call,
             RPC.HTTP_RESP_CALL: self._resp_call,
         }
 
@@ -137,10 +137,14 @@ class Dispatcher:
             handler(payload, caller)
         except Exception as exc:
             # Raised before the handler gave the caller anything (it gives last).
-            frame = self.error_frame(exc)
-            if self._observed:
-                self._observe(rpc_type, frame, "", None)
-            caller.reply(frame)
+            self._refuse(rpc_type, exc, caller)
+
+    def _refuse(self, rpc_type: int, exc: Exception, caller: Caller) -> None:
+        """Answer a call that could not be served with the error frame for ``exc``."""
+        frame = self.error_frame(exc)
+        if self._observed:
+            self._observe(rpc_type, frame, "", None)
+        caller.reply(frame)
 
     def error_frame(self, exc: BaseException, call_id: int | None = None) -> bytes:
         """The error frame for ``exc``, logged once at a level that fits whose fault it is."""
@@ -246,20 +250,26 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ HTTPReqCall
 
-    def _req_call(self, payload: bytes, caller: Caller) -> None:
-        call = HTTPReqCall(payload)
+    def req_call(self, payload: bytes, caller: Caller) -> None:
+        """``handle(RPC.HTTP_REQ_CALL, payload, caller)``: the usual frame, which a
+        connection hands over directly (one step less per call)."""
         try:
-            chain = self.cache.lookup(call.conf_token)
-        except KeyError:
-            raise ConfTokenNotFound(call.conf_token) from None
-        edits = RequestEdits()
-        tracer = self.tracer
-        if tracer is None:
-            request = Request(call, caller, edits)
-        else:
-            span = tracer.start_call(RPC_NAMES[RPC.HTTP_REQ_CALL], chain.key, call.headers)
-            request = Request(call, tracer.traced_source(caller, span), edits)
-            tracer.bind(request, span)
+            call = HTTPReqCall(payload)
+            try:
+                chain = self.cache.lookup(call.conf_token)
+            except KeyError:
+                raise ConfTokenNotFound(call.conf_token) from None
+            edits = RequestEdits()
+            tracer = self.tracer
+            if tracer is None:
+                request = Request(call, caller, edits)
+            else:
+                span = tracer.start_call(RPC_NAMES[RPC.HTTP_REQ_CALL], chain.key, call.headers)
+                request = Request(call, tracer.traced_source(caller, span), edits)
+                tracer.bind(request, span)
+        except Exception as exc:
+            self._refuse(_REQ_CALL, exc, caller)
+            return
         try:
             # Plain hooks run right here: a chain of them is answered without a task.
             awaited = run_plain_steps(chain.request_steps, request, edits)

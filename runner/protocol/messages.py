@@ -123,15 +123,10 @@ class HTTPReqCall:
 
     def __init__(self, payload: bytes) -> None:
         # A call laid out like one seen before (the gateway builds every call alike):
-        # the bytes up to the root table's start give where everything is.
-        try:
-            pos = _u32(payload, 0)[0]
-            layout = _REQ_LAYOUTS.get(payload[4 : pos + 4]) if pos <= _LAYOUT_SPAN else None
-        except struct.error:
-            layout = None
-        # (A key found in a message cut short cannot pass: its table would not fit.)
-        if layout is not None and pos + layout[0] <= len(payload):
-            first, second = layout[1](payload, pos)
+        # its first bytes give where everything is.
+        layout = _REQ_LAYOUTS.get(payload[:_LAYOUT_KEY])
+        if layout is not None and layout[0] <= len(payload):
+            first, second = layout[1](payload)
             if layout[2]:
                 self.conf_token = first
                 self.id = second
@@ -139,10 +134,10 @@ class HTTPReqCall:
                 self.id = first
                 self.conf_token = second
             self._offsets = layout[3]
+            self._pos = _LAYOUT_KEY - 4
         else:
-            pos = self._decode(payload)
+            self._pos = self._decode(payload)
         self._buf = payload
-        self._pos = pos
         self._args = None
         self._headers = None
 
@@ -210,16 +205,17 @@ class HTTPReqCall:
         return self._headers
 
 
-# HTTPReqCall layouts seen, by the bytes from the end of the root offset to the end of
-# the root table's vtable offset: (the table's size, the reader of the call id and conf
-# token in the order they lie, True if that is token first, the seven field offsets).
-# A builder writes the root table's vtable right before the table, so these bytes hold
-# the vtable, and with it every offset; the root offset is their length. Only layouts
-# that passed every check of the long way are kept, and a call is read through one only
-# if its table fits in its message.
-_ReqLayout: TypeAlias = tuple[int, Callable[[bytes, int], tuple[int, ...]], bool, tuple[int, ...]]
+# HTTPReqCall layouts seen, by the message's first 28 bytes: (where the root table ends,
+# the reader of the call id and conf token in the order they lie, True if that is token
+# first, the seven field offsets). The gateway's calls start alike: the root offset (24),
+# padding, the root table's vtable of seven fields, then the table, whose first 4 bytes
+# (its vtable offset) end the key. So the key holds the vtable, and with it every
+# offset. Only layouts that passed every check of the long way are kept, and a call is
+# read through one only if its table fits in its message. Calls laid out otherwise are
+# always read the long way.
+_ReqLayout: TypeAlias = tuple[int, Callable[[bytes], tuple[int, ...]], bool, tuple[int, ...]]
 _REQ_LAYOUTS: dict[bytes, _ReqLayout] = {}
-_LAYOUT_SPAN: Final = 64  # root tables further in are always read the long way
+_LAYOUT_KEY: Final = 28
 _MAX_LAYOUTS: Final = 64
 
 
@@ -230,7 +226,7 @@ def _learn_req_layout(payload: bytes, pos: int, offsets: tuple[int, ...]) -> Non
     token_off = offsets[6]
     low, high = sorted((id_off, token_off))
     if (
-        pos > _LAYOUT_SPAN
+        pos + 4 != _LAYOUT_KEY
         or vt < 4
         or vt + vt_size > pos
         or not low
@@ -240,8 +236,9 @@ def _learn_req_layout(payload: bytes, pos: int, offsets: tuple[int, ...]) -> Non
         return
     if len(_REQ_LAYOUTS) >= _MAX_LAYOUTS:
         _REQ_LAYOUTS.clear()
-    reader = struct.Struct(f"<{low}xI{high - low - 4}xI").unpack_from
-    _REQ_LAYOUTS[payload[4 : pos + 4]] = (table_size, reader, token_off < id_off, offsets)
+    reader = struct.Struct(f"<{pos + low}xI{high - low - 4}xI").unpack_from
+    key = payload[:_LAYOUT_KEY]
+    _REQ_LAYOUTS[key] = (pos + table_size, reader, token_off < id_off, offsets)
 
 
 @dataclass(frozen=True, slots=True)

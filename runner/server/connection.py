@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from runner.protocol.connection import Answer, Call, Close, Exchange, Fault
+from runner.protocol.frame import RPC
 from runner.protocol.messages import InfoKind
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("a6.server")
 
 _Waiter = asyncio.Future[bytes | None]
+_REQ_CALL: Final = int(RPC.HTTP_REQ_CALL)
 
 
 class Connection(asyncio.Protocol):
@@ -35,6 +37,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: RunnerServer, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._server = server
         self._handle = server.dispatcher.handle
+        self._req_call = server.dispatcher.req_call
         self._exchange: Exchange[_Waiter] = Exchange(
             server.dispatcher.error_frame,
             call_timeout=server.config.call_timeout,
@@ -78,7 +81,10 @@ class Connection(asyncio.Protocol):
             frame = exchange.whole_call(data)
             if frame is not None:
                 if self._transport is not None:
-                    self._handle(frame[0], frame[1], self)
+                    if frame[0] == _REQ_CALL:
+                        self._req_call(frame[1], self)
+                    else:
+                        self._handle(frame[0], frame[1], self)
                 return
         else:
             answer = exchange.whole_answer(data)

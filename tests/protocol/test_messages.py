@@ -579,15 +579,18 @@ def test_a_learned_layout_reads_like_the_long_way(sample: bytes, learned: int) -
 
 
 def test_layouts_seen_are_bounded() -> None:
-    # Filler between the root offset and the vtable (offsets inside are relative, so
-    # moving all of it keeps the message whole): a new layout every time.
+    # Other bytes in the padding between the vtable and the table: the same message,
+    # and a new layout every time.
     sample = m.encode_req_call(conf_token=5, id=3, path="/p")
     pos = struct.unpack_from("<I", sample)[0]
+    vt = pos - struct.unpack_from("<i", sample, pos)[0]
+    pad = vt + struct.unpack_from("<H", sample, vt)[0]
+    assert pos - pad == 2
     m._REQ_LAYOUTS.clear()
     for n in range(3 * m._MAX_LAYOUTS):
-        filler = struct.pack("<I", n)
-        payload = struct.pack("<I", pos + 4) + filler + sample[4:]
+        payload = sample[:pad] + struct.pack("<H", n) + sample[pos:]
         assert runner_req_call(payload)[:4] == (3, 5, "GET", "/p")
+        assert runner_req_call(payload)[:4] == (3, 5, "GET", "/p")  # through its layout
         assert 1 <= len(m._REQ_LAYOUTS) <= m._MAX_LAYOUTS
 
 
