@@ -540,12 +540,14 @@ class Request(_Call[RequestEdits]):
             key = None
         elif type(headers) is dict:
             key = (status, body, tuple(headers.items()))
+        elif type(headers) is tuple:
+            key = (status, body, headers)
         elif not headers:
             key = (status, body, ())
         else:
             key = None
         try:
-            stop = _STOPS.get(key) if key is not None else None
+            stop = _STOPS.get(key)  # type: ignore[arg-type]  # None: never found
         except TypeError:  # a value that cannot be hashed: the checks below say what
             key = stop = None
         if stop is None:

@@ -170,6 +170,11 @@ def test_a_stop_is_checked_and_sent_by_value_whatever_was_answered_before() -> N
     for _ in range(2):
         with pytest.raises(ValueError, match="CR, LF or NUL"):
             _run(lambda request: request.stop(200, "hi", headers))
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            _run(lambda request: request.stop(200, "hi", (("x-bad", "\n"),)))
+    pairs = (("x-a", "1"), ("x-a", "2"))
+    for _ in range(2):
+        assert _run(lambda request: request.stop(204, b"", pairs)).stop.headers == pairs
 
 
 @pytest.mark.parametrize("status", [200.0, True, "200"])
