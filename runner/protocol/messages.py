@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Final, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
 from runner.protocol import flatbuf as fb
 from runner.protocol.flatbuf import Entry, MalformedMessage
@@ -241,19 +241,18 @@ def _learn_req_layout(payload: bytes, pos: int, offsets: tuple[int, ...]) -> Non
     _REQ_LAYOUTS[key] = (pos + table_size, reader, token_off < id_off, offsets)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Stop:
     """``A6.HTTPReqCall.Stop``: the gateway answers the client itself."""
 
     status: int = 200
     headers: Sequence[tuple[str, str]] = ()
     body: bytes = b""  # b"" means "no body"
-    # Its reply frame before and after the call id, made on first use: a Stop is
-    # immutable, and one sent again (a plugin answering with the same response) costs
-    # only the call id's bytes. Not part of the value.
-    _encoded: tuple[bytes, bytes] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
+    # Its reply frame before and after the call id, set on the instance on first use: a
+    # Stop is immutable, and one sent again (a plugin answering with the same response)
+    # costs only the call id's bytes. Not a field: not part of the value, its repr or
+    # asdict() (hence no slots: the instance keeps it in its __dict__).
+    _encoded: ClassVar[tuple[bytes, bytes] | None] = None
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""

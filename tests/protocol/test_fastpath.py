@@ -10,6 +10,7 @@ MalformedMessage, for well-formed and damaged messages alike.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -117,6 +118,10 @@ def test_stop_reply(call_id: int, status: int, headers: list[tuple[str, str]], b
     assert m.encode_req_call_reply(call_id, kept) == fast
     other_id = call_id ^ 0xFFFF
     assert m.encode_stop_reply(other_id, kept) == generic_req_call_reply(other_id, kept)
+    # What it keeps is not part of its value.
+    assert kept == m.Stop(status, tuple(headers), body)
+    assert dataclasses.asdict(kept) == {"status": status, "headers": tuple(headers), "body": body}
+    assert repr(kept) == repr(m.Stop(status, tuple(headers), body))
 
 
 def test_a_stop_whose_header_list_changes_is_encoded_as_it_is_now() -> None:
