@@ -221,7 +221,7 @@ _MAX_LAYOUTS: Final = 64
 
 def _learn_req_layout(payload: bytes, pos: int, offsets: tuple[int, ...]) -> None:
     vt = pos - _i32(payload, pos)[0]
-    vt_size, table_size = _u16_pair(payload, vt)
+    vt_size, table_size = fb.read_u16(payload, vt), fb.read_u16(payload, vt + 2)
     id_off = offsets[0]
     token_off = offsets[6]
     low, high = sorted((id_off, token_off))
@@ -287,7 +287,6 @@ _U16_LIMIT: Final = 1 << 16
 _pack_u32 = struct.Struct("<I").pack
 _u32 = struct.Struct("<I").unpack_from
 _i32 = struct.Struct("<i").unpack_from
-_u16_pair = struct.Struct("<HH").unpack_from
 
 # Replies are written straight into their final layout, the one ``fb.build`` produces
 # (the tests compare the two byte for byte). Every HTTPReqCall.Resp with an action
