@@ -290,11 +290,7 @@ class Dispatcher:
             return
         if awaited < 0:
             if self._observed:
-                counts = self._req_counts
-                if counts is not None and self.tracer is None and edits.stop and frame[0]:
-                    counts[OUTCOME_STOP] += 1  # _observe_request for a Stop sent, inlined
-                else:
-                    self._observe_request(frame, edits, request)
+                self._observe_request(frame, edits, request)
             caller.reply(frame)
             return
         caller.reply_later(self._req_call_async(chain, request, edits, awaited))
